@@ -1,0 +1,39 @@
+"""``candor-client``: what a data holder runs at its institution.
+
+Each command lives in its own module, which exposes ``register(subparsers)``; a
+command's handler returns the exit code. A :class:`~common.errors.CandorError` (a user's
+mistake) prints one clear message and exits 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from common.errors import CandorError
+
+COMMAND_MODULES = ("client.check",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="candor-client", description="Run Candor at a data-holding institution.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CandorError as err:
+        print(f"candor-client: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

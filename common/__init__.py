@@ -1,0 +1,1 @@
+"""Shared types and mechanisms of Candor; imports nothing local."""

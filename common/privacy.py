@@ -1,0 +1,188 @@
+"""Privacy accounting: the mechanism history a site records, and the ε it implies.
+
+Every private training step at a site is one application of the Poisson-subsampled
+Gaussian mechanism (Abadi et al. 2016, "Deep Learning with Differential Privacy"):
+each record is included in a batch independently with probability ``sample_rate``,
+per-record gradients are clipped to L2 norm ``max_grad_norm`` and Gaussian noise of
+standard deviation ``noise_multiplier * max_grad_norm`` is added to their sum.
+
+The privacy unit is **one record at one site**: neighbouring datasets differ by adding or
+removing one row of that site's table. A site's guarantee composes every step it ever
+took, across rounds and runs, so the only state that matters is the list of
+:class:`MechanismRecord` entries. ε is always recomputed from that list by a third-party
+accountant (Opacus): PRV (Gopi et al. 2021, "Numerical Composition of Differential
+Privacy", tight numerical upper bound) by default, or RDP (Mironov 2017, "Rényi
+Differential Privacy"; Mironov et al. 2019 for the subsampled Gaussian). The Gaussian-DP
+central-limit approximation is deliberately not offered: it can under-state ε.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from .errors import ConfigError
+
+PRIVACY_UNIT = "one record"
+PRIVACY_UNIT_LONG = "one record (one row of one site's table; add/remove adjacency)"
+ACCOUNTANTS = ("prv", "rdp")
+
+
+@dataclass(frozen=True)
+class MechanismRecord:
+    """One round of private training at one site.
+
+    Attributes:
+        round: server round (1-based) the steps belong to.
+        noise_multiplier: σ, noise std divided by the clipping norm (> 0).
+        sample_rate: Poisson inclusion probability q of each record, in (0, 1].
+        steps: number of noisy gradient steps taken with these parameters (>= 0).
+        run_id: the run the round belongs to ("" where not known).
+    """
+
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    run_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise ConfigError(
+                f"noise multiplier must be > 0 for a private round (got {self.noise_multiplier})"
+            )
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"sample rate must be in (0, 1] (got {self.sample_rate})")
+        if self.steps < 0:
+            raise ConfigError(f"steps must be >= 0 (got {self.steps})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MechanismRecord:
+        return cls(
+            round=int(d["round"]),
+            noise_multiplier=float(d["noise_multiplier"]),
+            sample_rate=float(d["sample_rate"]),
+            steps=int(d["steps"]),
+            run_id=str(d.get("run_id", "")),
+        )
+
+
+def _compress(history: Iterable[MechanismRecord]) -> tuple[tuple[float, float, int], ...]:
+    """(σ, q, steps) triples, merging consecutive identical mechanisms.
+
+    Composition of k identical steps then m identical steps with the same (σ, q) is the
+    composition of k + m steps, so merging changes nothing but the accountant's cost.
+    """
+    out: list[tuple[float, float, int]] = []
+    for rec in history:
+        if rec.steps == 0:
+            continue
+        if out and out[-1][0] == rec.noise_multiplier and out[-1][1] == rec.sample_rate:
+            out[-1] = (rec.noise_multiplier, rec.sample_rate, out[-1][2] + rec.steps)
+        else:
+            out.append((rec.noise_multiplier, rec.sample_rate, rec.steps))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(triples: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    if not triples:
+        return 0.0
+    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
+    acc.history = list(triples)
+    return float(acc.get_epsilon(delta=delta))
+
+
+def epsilon(history: Sequence[MechanismRecord], *, delta: float, accountant: str = "prv") -> float:
+    """Cumulative ε of the whole ``history`` at ``delta`` (0 for an empty history).
+
+    Results are cached: many simulated sites share the same parameters.
+    """
+    check_accountant(accountant)
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta must be in (0, 1) (got {delta})")
+    return _epsilon(_compress(history), float(delta), accountant)
+
+
+def check_accountant(name: str) -> str:
+    if name not in ACCOUNTANTS:
+        raise ConfigError(
+            f"The 'accountant' parameter must be one of {', '.join(ACCOUNTANTS)}; got {name!r}. "
+            "(The Gaussian-DP approximation is not offered: it can under-state ε.)"
+        )
+    return name
+
+
+def default_delta(num_records: int) -> float:
+    """δ well below 1/n: the largest power of ten <= 1/(10 n), capped at 1e-5.
+
+    A δ of order 1/n would allow a mechanism that publishes one whole record; 1/(10 n)
+    or less is the usual requirement. Units: probability, dimensionless.
+    """
+    if num_records < 1:
+        raise ConfigError(f"a site needs at least one record to set δ (got {num_records})")
+    return min(1e-5, 10.0 ** math.floor(math.log10(1.0 / (10.0 * num_records))))
+
+
+def calibrate_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    prior: Sequence[MechanismRecord] = (),
+    accountant: str = "prv",
+    tolerance: float = 0.01,
+) -> float:
+    """Smallest σ (to ``tolerance`` in ε) such that ``prior`` + ``steps`` steps at
+    (σ, ``sample_rate``) stays at or below ``target_epsilon`` at ``delta``.
+
+    Bisection on the accountant's own ε, so the result is a guarantee under that
+    accountant, not an estimate: the returned σ always satisfies ε <= target.
+
+    Raises:
+        ConfigError: the target is unreachable (prior spending alone exceeds it, or
+            σ would have to exceed 1e4).
+    """
+    if not target_epsilon > 0:
+        raise ConfigError(f"target epsilon must be > 0 (got {target_epsilon})")
+    prior = tuple(prior)
+
+    def eps_at(sigma: float) -> float:
+        planned = MechanismRecord(round=0, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+        return epsilon(prior + (planned,), delta=delta, accountant=accountant)
+
+    spent = epsilon(prior, delta=delta, accountant=accountant)
+    if spent >= target_epsilon:
+        raise ConfigError(
+            f"the site has already spent ε = {spent:.3f} of a target of {target_epsilon}; "
+            "no further private training fits in it"
+        )
+    lo, hi = 0.0, 1.0
+    while eps_at(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ConfigError(
+                f"target ε = {target_epsilon} at δ = {delta:g} is unreachable for "
+                f"{steps} steps at sample rate {sample_rate:.4g}: raise the target, or "
+                "train fewer rounds / local epochs"
+            )
+    # Invariant: eps_at(hi) <= target < eps_at(lo) (eps_at(0) is infinite).
+    while True:
+        mid = (lo + hi) / 2
+        eps_mid = eps_at(mid)
+        if eps_mid <= target_epsilon:
+            hi = mid
+            if target_epsilon - eps_mid <= tolerance:
+                return hi
+        else:
+            lo = mid
+        if hi - lo < 1e-6:
+            return hi

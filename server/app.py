@@ -1,0 +1,77 @@
+"""The ServerApp: one Candor run, the same in simulation and deployment."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from common.encoding import Encoder
+from common.errors import CandorError
+from common.models import build_model
+from common.schema import Schema
+
+from .outputs import PROGRESS, RunRecorder
+from .strategy import RecordingStrategy, build_strategy
+
+logging.getLogger("flwr").propagate = False
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+def _setup_logging() -> None:
+    """Progress lines go to stderr, which Flower streams to `flwr run --stream`."""
+    root = logging.getLogger("server")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False  # opacus installs a root handler; print once
+
+
+def default_out_dir() -> str:
+    return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    _setup_logging()
+    torch.set_num_threads(1)
+    try:
+        cfg = RunConfig.from_run_config(context.run_config)
+        if not cfg.schema:
+            raise CandorError("The run config has no 'schema': set it to the federation's schema file.")
+        schema = Schema.load(cfg.schema)
+    except CandorError as err:
+        logger.error("%s cannot start the run: %s", PROGRESS, err)
+        raise SystemExit(1) from None
+    encoder = Encoder(schema)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_features=encoder.num_features, num_outputs=schema.num_outputs,
+                        hidden=cfg.hidden_sizes)
+    recorder = RunRecorder(cfg.out_dir or default_out_dir(), cfg=cfg, schema=schema,
+                           feature_names=list(encoder.feature_names))
+    strategy = RecordingStrategy(build_strategy(cfg), recorder)
+    shared = ConfigRecord({"schema-sha256": schema.sha256()})
+    logger.info("%s run %s: %d rounds, strategy %s, DP %s%s, schema %s", PROGRESS, context.run_id,
+                cfg.num_server_rounds, cfg.strategy, "on" if cfg.dp else "OFF",
+                f" (target ε {cfg.target_epsilon} per site for the whole run)" if cfg.dp and cfg.target_epsilon else "",
+                schema.sha256()[:12])
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord(dict(shared)),
+        evaluate_config=ConfigRecord(dict(shared)),
+        evaluate_fn=lambda r, arrays: recorder.checkpoint(r, arrays),
+    )
+    recorder.finish(result.arrays if len(result.arrays) else None)

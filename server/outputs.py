@@ -1,0 +1,175 @@
+"""The run directory: everything a run leaves behind, rewritten atomically every round.
+
+Files (formats in docs/outputs.md):
+- ``config.json``   the resolved run config and the schema's sha256;
+- ``metrics.json``  per round: aggregate and per-site evaluation, training loss, refusals;
+- ``metrics.csv``   the same, one row per (round, site) plus "aggregate" rows;
+- ``privacy.json``  per site: cumulative ε recomputed here from the site's mechanism
+                    history (and the ε the site reported), δ, accountant, privacy unit;
+- ``model.pt``      the global model: state dict, schema, model spec (checkpointed
+                    every round);
+- ``progress.png``  accuracy and cumulative ε per round.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from common.atomic import json_safe, write_atomic, write_json_atomic
+from common.config import RunConfig
+from common.privacy import PRIVACY_UNIT, MechanismRecord, epsilon
+from common.schema import Schema
+
+logger = logging.getLogger(__name__)
+PROGRESS = "[candor]"  # prefix of the per-round lines commands show to the user
+
+
+class RunRecorder:
+    def __init__(self, out_dir: str | Path, *, cfg: RunConfig, schema: Schema, feature_names: list[str]) -> None:
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.schema = schema
+        self.feature_names = feature_names
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self.privacy: dict[str, dict[str, Any]] = {}
+        write_json_atomic(self.dir / "config.json", {
+            "run_config": cfg.to_run_config(),
+            "schema_sha256": schema.sha256(),
+            "schema": schema.to_dict(),
+        })
+
+    def _round(self, r: int) -> dict[str, Any]:
+        return self.rounds.setdefault(r, {"round": r, "aggregate": {}, "sites": {}, "train": {}, "refusals": []})
+
+    # --- called by RecordingStrategy ------------------------------------------
+    def sampled(self, server_round: int, count: int) -> None:
+        self._round(server_round)["sampled"] = count
+
+    def train_reply(self, server_round: int, msg: Message) -> None:
+        entry = self._round(server_round)
+        if msg.has_error():
+            reason = msg.error.reason
+            entry["refusals"].append({"node": msg.metadata.src_node_id, "reason": reason})
+            logger.warning("%s round %d: a site did not train: %s", PROGRESS, server_round, reason)
+            return
+        ident = msg.content.config_records.get("candor", {})
+        site = str(ident.get("site", msg.metadata.src_node_id))
+        metrics = dict(next(iter(msg.content.metric_records.values())))
+        entry["train"][site] = metrics
+        if "history" in ident:
+            history = [MechanismRecord.from_dict(h) for h in json.loads(str(ident["history"]))]
+            delta = float(metrics["delta"])
+            accountant = str(ident["accountant"])
+            recomputed = epsilon(history, delta=delta, accountant=accountant)
+            if not math.isclose(recomputed, float(metrics["epsilon"]), rel_tol=1e-6, abs_tol=1e-9):
+                logger.warning("%s site %s reported ε = %.4f; its history gives %.4f (reporting the latter)",
+                               PROGRESS, site, metrics["epsilon"], recomputed)
+            self.privacy[site] = {
+                "epsilon": recomputed,
+                "epsilon_reported": float(metrics["epsilon"]),
+                "delta": delta,
+                "accountant": accountant,
+                "privacy_unit": PRIVACY_UNIT,
+                "max_grad_norm": self.cfg.max_grad_norm,
+                "num_examples": int(metrics["num-examples"]),
+                "history": [{k: v for k, v in h.to_dict().items() if k != "run_id"} for h in history],
+            }
+
+    def evaluate_reply(self, server_round: int, msg: Message) -> None:
+        if msg.has_error():
+            logger.warning("%s round %d: a site did not evaluate: %s", PROGRESS, server_round, msg.error.reason)
+            return
+        site = str(msg.content.config_records.get("candor", {}).get("site", msg.metadata.src_node_id))
+        m = dict(next(iter(msg.content.metric_records.values())))
+        m["num_examples"] = int(m.pop("num-examples"))
+        self._round(server_round)["sites"][site] = m
+
+    def evaluate_aggregate(self, server_round: int, aggregate: MetricRecord | None) -> None:
+        self._round(server_round)["aggregate"] = dict(aggregate or {})
+
+    # --- checkpoint hook (strategy.start's evaluate_fn) -----------------------
+    def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        if server_round == 0:
+            return
+        self.save_model(arrays)
+        self.write_tables()
+        self._progress(server_round)
+
+    def save_model(self, arrays: ArrayRecord, name: str = "model.pt") -> None:
+        buffer = io.BytesIO()
+        torch.save({
+            "state_dict": arrays.to_torch_state_dict(),
+            "model": self.cfg.model,
+            "hidden": list(self.cfg.hidden_sizes),
+            "feature_names": self.feature_names,
+            "schema": self.schema.to_dict(),
+            "schema_sha256": self.schema.sha256(),
+        }, buffer)
+        write_atomic(self.dir / name, buffer.getvalue())
+
+    def metrics_doc(self) -> dict[str, Any]:
+        rounds = []
+        for r in sorted(self.rounds):
+            e = self.rounds[r]
+            rounds.append({"round": r, "aggregate": e["aggregate"], "sites": e["sites"],
+                           "train": e["train"], "sampled": e.get("sampled"), "refusals": e["refusals"]})
+        return {"task": self.schema.label.task, "rounds": rounds}
+
+    def privacy_doc(self) -> dict[str, Any]:
+        return {
+            "dp": self.cfg.dp,
+            "privacy_unit": "one record at one site (add/remove one row of that site's table)",
+            "target_epsilon": self.cfg.target_epsilon if self.cfg.dp else None,
+            "note": "epsilon is the cumulative guarantee over every round of this run listed in "
+                    "history, recomputed by the coordinator from that history",
+            "sites": self.privacy,
+        }
+
+    def write_tables(self) -> None:
+        write_json_atomic(self.dir / "metrics.json", self.metrics_doc())
+        write_json_atomic(self.dir / "privacy.json", self.privacy_doc())
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["round", "site", "num_examples", "loss", "accuracy", "auroc", "train_loss", "epsilon"])
+        for r in sorted(self.rounds):
+            e = self.rounds[r]
+            for site, m in sorted(e["sites"].items()):
+                t = e["train"].get(site, {})
+                writer.writerow([r, site, m.get("num_examples"), m.get("loss"), m.get("accuracy"),
+                                 m.get("auroc"), t.get("train-loss"), t.get("epsilon")])
+            a = e["aggregate"]
+            writer.writerow([r, "aggregate", sum(m.get("num_examples", 0) for m in e["sites"].values()),
+                             a.get("loss"), a.get("accuracy"), a.get("auroc"), None, None])
+        write_atomic(self.dir / "metrics.csv", out.getvalue())
+
+    def _progress(self, server_round: int) -> None:
+        e = self.rounds.get(server_round, {})
+        a = e.get("aggregate", {})
+        parts = [f"{PROGRESS} round {server_round}/{self.cfg.num_server_rounds}",
+                 f"sites {len(e.get('sites', {}))}"]
+        for key in ("loss", "accuracy", "auroc"):
+            if key in a:
+                parts.append(f"{key} {a[key]:.3f}")
+        if self.cfg.dp and e.get("train"):
+            eps = ", ".join(f"{s} {m['epsilon']:.2f}" for s, m in sorted(e["train"].items()) if "epsilon" in m)
+            parts.append(f"ε {eps}")
+        logger.info(" | ".join(parts))
+
+    def finish(self, arrays: ArrayRecord | None) -> None:
+        if arrays is not None:
+            self.save_model(arrays)
+        self.write_tables()
+        from .plot import plot_progress
+
+        plot_progress(self.metrics_doc(), json_safe(self.privacy_doc()), self.dir / "progress.png")
+        logger.info("%s outputs in %s", PROGRESS, self.dir.resolve())

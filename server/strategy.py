@@ -1,0 +1,87 @@
+"""Strategy assembly, and the recording wrapper that sees every reply.
+
+``RecordingStrategy`` wraps any Message-API strategy (FedAvg, FedProx, FedAdam, ...):
+it delegates every decision to the wrapped strategy and hands each reply, with the
+site name the reply carries, to the :class:`~server.outputs.RunRecorder`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from common.config import RunConfig
+
+from .outputs import RunRecorder
+
+logger = logging.getLogger(__name__)
+
+
+def nan_aware_mean(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Example-weighted mean of every metric, skipping NaN (e.g. AUROC of a one-class split)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        w = float(metrics[weighting_key])
+        for key, value in metrics.items():
+            if key == weighting_key or isinstance(value, list) or math.isnan(float(value)):
+                continue
+            sums[key] = sums.get(key, 0.0) + w * float(value)
+            weights[key] = weights.get(key, 0.0) + w
+    return MetricRecord({k: sums[k] / weights[k] for k in sums if weights[k] > 0})
+
+
+def build_strategy(cfg: RunConfig) -> Strategy:
+    common = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=cfg.min_sites,
+        min_evaluate_nodes=cfg.min_sites,
+        min_available_nodes=cfg.min_sites,
+        train_metrics_aggr_fn=nan_aware_mean,
+        evaluate_metrics_aggr_fn=nan_aware_mean,
+    )
+    if cfg.strategy == "fedprox":
+        return FedProx(proximal_mu=cfg.proximal_mu, **common)
+    if cfg.strategy == "fedadam":
+        return FedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, **common)
+    return FedAvg(**common)
+
+
+class RecordingStrategy(Strategy):
+    """Delegates to ``inner``; records every reply with ``recorder``."""
+
+    def __init__(self, inner: Strategy, recorder: RunRecorder) -> None:
+        self.inner = inner
+        self.recorder = recorder
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.recorder.sampled(server_round, len(messages))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for msg in replies:
+            self.recorder.train_reply(server_round, msg)
+        return self.inner.aggregate_train(server_round, [m for m in replies if not m.has_error()])
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        for msg in replies:
+            self.recorder.evaluate_reply(server_round, msg)
+        aggregate = self.inner.aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
+        self.recorder.evaluate_aggregate(server_round, aggregate)
+        return aggregate

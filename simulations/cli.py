@@ -1,0 +1,210 @@
+"""``candor-sim``: a researcher's local simulations.
+
+    candor-sim                          # = candor-sim run, the embedded default
+    candor-sim run [--schema FILE] [--site NAME=PATH ...] [--out DIR] [-c KEY=VALUE ...]
+    candor-sim pooled [...same data options...]   # centralized baseline, same pipeline
+    candor-sim schema infer DATA --label COLUMN -o FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig
+from common.errors import CandorError, DataValidationError
+
+PROGRESS = "[candor]"
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise CandorError(f"-c expects KEY=VALUE (e.g. -c num-server-rounds=5); got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string, as `flwr run -c` reads it
+    return key.strip(), value
+
+
+def _config(overrides: list[str], **fixed: Any) -> RunConfig:
+    values = RunConfig().to_run_config()
+    for text in overrides:
+        key, value = _parse_override(text)
+        values[key] = value
+    values.update({k.replace("_", "-"): v for k, v in fixed.items() if v is not None})
+    return RunConfig.from_run_config(values)
+
+
+def _prepare(args: argparse.Namespace, out: Path):
+    """(schema path, sites) for the command's data options."""
+    from common.schema import Schema
+
+    from .embedded import BREAST_CANCER_SCHEMA_PATH, breast_cancer_frame, partition
+    from .sites import SimSite, check_sites, parse_site_arg
+
+    if args.site:
+        if not args.schema:
+            raise CandorError("--site needs --schema: the schema every site is validated against "
+                              "(draft one with `candor-sim schema infer DATA --label COLUMN -o FILE`)")
+        schema_path = Path(args.schema).resolve()
+        sites = [parse_site_arg(s) for s in args.site]
+    else:
+        schema_path = Path(args.schema).resolve() if args.schema else Path(BREAST_CANCER_SCHEMA_PATH)
+        frame = breast_cancer_frame()
+        parts = partition(frame, num_sites=args.num_sites, label="diagnosis", scheme=args.partition,
+                          alpha=args.alpha, seed=args.partition_seed)
+        data_dir = out / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        sites = []
+        for i, part in enumerate(parts, start=1):
+            path = data_dir / f"hospital-{i}.csv"
+            part.to_csv(path, index=False)
+            sites.append(SimSite(name=f"hospital-{i}", data=path))
+    schema = Schema.load(schema_path)
+    return schema_path, schema, sites, check_sites
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import engine
+    from .sites import write_manifest
+
+    out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    schema_path, schema, sites, check_sites = _prepare(args, out)
+    cfg = _config(args.config, schema=str(schema_path), out_dir=str(out))
+    check_sites(sites, schema, min_rows=cfg.min_rows)
+    manifest = write_manifest(sites, out)
+    overrides = {k: v for k, v in cfg.to_run_config().items() if v != getattr(RunConfig(), k.replace("-", "_"))}
+    overrides.update({"sim-manifest": str(manifest), "schema": str(schema_path), "out-dir": str(out)})
+    if "min-sites" not in {_parse_override(c)[0] for c in args.config}:
+        overrides["min-sites"] = len(sites)
+    print(f"Candor simulation: {len(sites)} sites ({', '.join(s.name for s in sites)}), "
+          f"{cfg.num_server_rounds} rounds, " + (
+              f"DP on, target ε = {cfg.target_epsilon} per site for the whole run" if cfg.dp and cfg.target_epsilon
+              else f"DP on, noise multiplier {cfg.noise_multiplier}" if cfg.dp else "DP OFF (non-private baseline)"))
+    print("Starting Flower's simulation engine (about 10-20 s before round 1)...", flush=True)
+
+    def show(line: str) -> None:
+        if PROGRESS in line:
+            print(line[line.index(PROGRESS) + len(PROGRESS):].strip(), flush=True)
+        elif args.verbose or "ERROR" in line or "Traceback" in line:
+            print(line, flush=True)
+
+    result = engine.run(overrides, num_sites=len(sites), log_path=out / "flower.log", on_line=show)
+    _summary(out, result.seconds)
+    return 0
+
+
+def _summary(out: Path, seconds: float) -> None:
+    metrics = json.loads((out / "metrics.json").read_text())
+    privacy = json.loads((out / "privacy.json").read_text())
+    last = metrics["rounds"][-1] if metrics["rounds"] else None
+    print(f"\nFinished in {seconds:.1f} s.")
+    if last:
+        a = last["aggregate"]
+        print("Final held-out metrics (example-weighted over sites): " +
+              ", ".join(f"{k} {v:.3f}" for k, v in a.items() if isinstance(v, (int, float))))
+    if privacy["sites"]:
+        print(f"Privacy spent per site (privacy unit: {privacy['privacy_unit']}):")
+        for site, p in sorted(privacy["sites"].items()):
+            h = p["history"][-1] if p["history"] else {}
+            steps = sum(x["steps"] for x in p["history"])
+            print(f"  {site:<16} ε = {p['epsilon']:.3f}  δ = {p['delta']:g}  ({p['accountant'].upper()}, "
+                  f"σ = {h.get('noise_multiplier', 0):.3f}, q = {h.get('sample_rate', 0):.4f}, {steps} steps "
+                  f"over {len(p['history'])} rounds)")
+    else:
+        print("DP was off: the model carries no privacy guarantee.")
+    print(f"Outputs: {out}  (metrics.json, metrics.csv, privacy.json, model.pt, progress.png, flower.log)")
+
+
+def cmd_pooled(args: argparse.Namespace) -> int:
+    from .baselines import pooled
+
+    out = Path(args.out or Path("runs") / (time.strftime("%Y%m%d-%H%M%S") + "-pooled")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    schema_path, schema, sites, check_sites = _prepare(args, out)
+    cfg = _config(args.config, schema=str(schema_path), out_dir=str(out))
+    check_sites(sites, schema, min_rows=cfg.min_rows)
+    result = pooled(schema, sites, cfg)
+    from common.atomic import write_json_atomic
+
+    write_json_atomic(out / "pooled.json", result)
+    print(f"Pooled (centralized) baseline, {'DP' if cfg.dp else 'non-private'}: " +
+          ", ".join(f"{s} acc {m['accuracy']:.3f}" for s, m in result["sites"].items()) +
+          f"; mean per-site accuracy {result['mean_site_accuracy']:.3f}")
+    print(f"Outputs: {out / 'pooled.json'}")
+    return 0
+
+
+def cmd_schema_infer(args: argparse.Namespace) -> int:
+    from common.validation import read_table
+
+    from .schema_infer import INFER_WARNING, infer_schema
+
+    frame = read_table(args.data)
+    schema = infer_schema(frame, label=args.label, source=str(args.data))
+    schema.save(args.output)
+    print(f"Wrote a draft schema to {args.output}: {len(schema.features)} features, label "
+          f"'{schema.label.name}' ({schema.label.task}).")
+    print(f"WARNING: {INFER_WARNING}", file=sys.stderr)
+    return 0
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--schema", help="the federation's schema file (TOML or JSON; see docs/schema.md)")
+    p.add_argument("--site", action="append", default=[], metavar="NAME=PATH[,TEST]",
+                   help="a simulated site and its CSV/Parquet file (repeat per site); default: the "
+                        "embedded breast-cancer data split across simulated hospitals")
+    p.add_argument("--num-sites", type=int, default=4, help="embedded data: number of hospitals (default 4)")
+    p.add_argument("--partition", choices=("iid", "dirichlet"), default="iid",
+                   help="embedded data: iid split or Dirichlet label skew (default iid)")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
+    p.add_argument("--partition-seed", type=int, default=0, help="seed of the embedded split (default 0)")
+    p.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    p.add_argument("-c", "--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-config key, as `flwr run -c` (e.g. -c num-server-rounds=5 -c dp=false)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="candor-sim", description="Local federated simulations with DP-SGD.")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="simulate a federated run (the default command)")
+    _data_options(run)
+    run.add_argument("-v", "--verbose", action="store_true", help="show Flower's whole log")
+    run.set_defaults(func=cmd_run)
+    pooled = sub.add_parser("pooled", help="centralized baseline: pool every site's training rows")
+    _data_options(pooled)
+    pooled.set_defaults(func=cmd_pooled)
+    schema = sub.add_parser("schema", help="schema tools").add_subparsers(dest="schema_command", required=True)
+    infer = schema.add_parser("infer", help="draft a schema from a data file")
+    infer.add_argument("data", type=Path)
+    infer.add_argument("--label", required=True, help="the label column")
+    infer.add_argument("-o", "--output", type=Path, required=True, help="schema file to write (.toml)")
+    infer.set_defaults(func=cmd_schema_infer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("run", "pooled", "schema", "-h", "--help"):
+        argv = ["run", *argv]
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CandorError as err:
+        print(f"candor-sim: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("candor-sim: interrupted; every process it started was stopped.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

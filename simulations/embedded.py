@@ -1,0 +1,92 @@
+"""The embedded default data set and the partitioners that split it into sites.
+
+The Wisconsin Diagnostic Breast Cancer table ships with scikit-learn, so simulations
+run without network access. Its schema is ``simulations/schemas/breast_cancer.toml``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.datasets import load_breast_cancer
+
+from common.errors import CandorError
+
+__all__ = ["BREAST_CANCER_SCHEMA_PATH", "breast_cancer_frame", "partition"]
+
+logger = logging.getLogger(__name__)
+
+BREAST_CANCER_SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "breast_cancer.toml"
+_MAX_DRAWS = 1000
+
+
+def breast_cancer_frame() -> pd.DataFrame:
+    """569 rows: 30 numeric features with snake_case names (``mean_radius``, ...) and
+    the label ``diagnosis`` = ``"malignant"`` | ``"benign"``."""
+    bunch = load_breast_cancer(as_frame=True)
+    df = bunch.data.rename(columns=lambda c: str(c).strip().replace(" ", "_"))
+    df["diagnosis"] = np.asarray(bunch.target_names)[bunch.target.to_numpy()].astype(str)
+    return df
+
+
+def partition(df: pd.DataFrame, *, num_sites: int, label: str, scheme: str = "iid",
+              alpha: float = 0.5, seed: int, min_rows: int = 30) -> list[pd.DataFrame]:
+    """Split ``df`` into ``num_sites`` disjoint site frames (original index kept, sorted).
+
+    Args:
+        num_sites: number of sites, >= 1.
+        label: label column, used for stratification / label skew.
+        scheme: ``"iid"``: stratified shuffle split, site sizes differ by at most one
+            and every site has (up to rounding) the global class mix. ``"dirichlet"``:
+            label skew after Hsu et al. 2019 ("Measuring the effects of non-identical
+            data distribution", arXiv:1909.06335): for each class, site proportions are
+            drawn from Dirichlet(alpha, ..., alpha); smaller alpha, more skew.
+            Proportions are re-drawn until every site has at least ``min_rows`` rows.
+        alpha: Dirichlet concentration, > 0 (dirichlet only).
+        seed: seeds a ``numpy.random.Generator``; the same seed gives the same split.
+        min_rows: rows every site needs.
+
+    Raises:
+        CandorError: bad arguments, or no split gives every site ``min_rows`` rows.
+    """
+    if not isinstance(num_sites, int) or num_sites < 1:
+        raise CandorError(f"partition: 'num_sites' must be an integer >= 1 (got {num_sites!r})")
+    if scheme not in ("iid", "dirichlet"):
+        raise CandorError(f"partition: 'scheme' must be 'iid' or 'dirichlet' (got {scheme!r})")
+    if scheme == "dirichlet" and not alpha > 0:
+        raise CandorError(f"partition: 'alpha' must be > 0 (got {alpha!r})")
+    if label not in df.columns:
+        raise CandorError(f"partition: label column '{label}' is not in the frame")
+    if len(df) < num_sites * min_rows:
+        raise CandorError(
+            f"partition: {len(df)} rows cannot give {num_sites} sites {min_rows} rows each "
+            f"(needs {num_sites * min_rows}); use fewer sites or a smaller min_rows"
+        )
+    rng = np.random.default_rng(seed)
+    codes, uniques = pd.factorize(df[label], use_na_sentinel=False)  # missing: own class
+    classes = [np.flatnonzero(codes == c) for c in range(len(uniques))]
+
+    if scheme == "iid":
+        order = np.concatenate([rng.permutation(idx) for idx in classes])
+        sites = [np.sort(order[s::num_sites]) for s in range(num_sites)]
+    else:
+        for _ in range(_MAX_DRAWS):
+            parts: list[list[np.ndarray]] = [[] for _ in range(num_sites)]
+            for idx in classes:
+                idx = rng.permutation(idx)
+                cuts = (np.cumsum(rng.dirichlet(np.full(num_sites, alpha))) * len(idx)).astype(int)
+                for s, chunk in enumerate(np.split(idx, cuts[:-1])):
+                    parts[s].append(chunk)
+            sites = [np.sort(np.concatenate(p)) for p in parts]
+            if min(len(s) for s in sites) >= min_rows:
+                break
+        else:
+            raise CandorError(
+                f"partition: {_MAX_DRAWS} Dirichlet(alpha={alpha}) draws never gave all "
+                f"{num_sites} sites {min_rows} rows; raise alpha, use fewer sites or lower min_rows"
+            )
+    logger.debug("partition %s: site sizes %s", scheme, [len(s) for s in sites])
+    return [df.iloc[s] for s in sites]
