@@ -164,3 +164,6 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     scores = evaluate(site.model, site.data.test, num_outputs=site.schema.num_outputs)
     metrics = MetricRecord({"num-examples": len(site.data.test), **scores})
     return Message(content=RecordDict({"metrics": metrics, "candor": site.identity()}), reply_to=msg)
+
+
+import client.explain_app  # noqa: E402,F401  (registers the "query.explain" handler on app)

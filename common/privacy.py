@@ -23,8 +23,6 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-
 from .errors import ConfigError
 
 PRIVACY_UNIT = "one record"
@@ -95,6 +93,8 @@ def _compress(history: Iterable[MechanismRecord]) -> tuple[tuple[float, float, i
 def _epsilon(triples: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     if not triples:
         return 0.0
+    from opacus.accountants import PRVAccountant, RDPAccountant  # lazy: opacus is slow to import
+
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
     acc.history = list(triples)
     return float(acc.get_epsilon(delta=delta))

@@ -37,6 +37,13 @@ def _setup_logging() -> None:
         root.propagate = False  # opacus installs a root handler; print once
 
 
+def _embedded_schema() -> Path:
+    """No schema named: a bare `flwr run .` of the embedded demo data."""
+    from simulations.embedded import BREAST_CANCER_SCHEMA_PATH
+
+    return BREAST_CANCER_SCHEMA_PATH
+
+
 def default_out_dir() -> str:
     return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
 
@@ -47,9 +54,7 @@ def main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(1)
     try:
         cfg = RunConfig.from_run_config(context.run_config)
-        if not cfg.schema:
-            raise CandorError("The run config has no 'schema': set it to the federation's schema file.")
-        schema = Schema.load(cfg.schema)
+        schema = Schema.load(cfg.schema or _embedded_schema())
     except CandorError as err:
         logger.error("%s cannot start the run: %s", PROGRESS, err)
         raise SystemExit(1) from None

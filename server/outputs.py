@@ -121,8 +121,8 @@ class RunRecorder:
         rounds = []
         for r in sorted(self.rounds):
             e = self.rounds[r]
-            rounds.append({"round": r, "aggregate": e["aggregate"], "sites": e["sites"],
-                           "train": e["train"], "sampled": e.get("sampled"), "refusals": e["refusals"]})
+            rounds.append({"round": r, "aggregate": e["aggregate"], "sites": dict(sorted(e["sites"].items())),
+                           "train": dict(sorted(e["train"].items())), "sampled": e.get("sampled"), "refusals": e["refusals"]})
         return {"task": self.schema.label.task, "rounds": rounds}
 
     def privacy_doc(self) -> dict[str, Any]:
@@ -132,7 +132,7 @@ class RunRecorder:
             "target_epsilon": self.cfg.target_epsilon if self.cfg.dp else None,
             "note": "epsilon is the cumulative guarantee over every round of this run listed in "
                     "history, recomputed by the coordinator from that history",
-            "sites": self.privacy,
+            "sites": dict(sorted(self.privacy.items())),
         }
 
     def write_tables(self) -> None:

@@ -46,8 +46,8 @@ def _prepare(args: argparse.Namespace, out: Path):
     """(schema path, sites) for the command's data options."""
     from common.schema import Schema
 
-    from .embedded import BREAST_CANCER_SCHEMA_PATH, breast_cancer_frame, partition
-    from .sites import SimSite, check_sites, parse_site_arg
+    from .embedded import BREAST_CANCER_SCHEMA_PATH
+    from .sites import check_sites, parse_site_arg, write_embedded_sites
 
     if args.site:
         if not args.schema:
@@ -57,16 +57,8 @@ def _prepare(args: argparse.Namespace, out: Path):
         sites = [parse_site_arg(s) for s in args.site]
     else:
         schema_path = Path(args.schema).resolve() if args.schema else Path(BREAST_CANCER_SCHEMA_PATH)
-        frame = breast_cancer_frame()
-        parts = partition(frame, num_sites=args.num_sites, label="diagnosis", scheme=args.partition,
-                          alpha=args.alpha, seed=args.partition_seed)
-        data_dir = out / "data"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        sites = []
-        for i, part in enumerate(parts, start=1):
-            path = data_dir / f"hospital-{i}.csv"
-            part.to_csv(path, index=False)
-            sites.append(SimSite(name=f"hospital-{i}", data=path))
+        sites = write_embedded_sites(out, num_sites=args.num_sites, scheme=args.partition, alpha=args.alpha,
+                                     seed=args.partition_seed)
     schema = Schema.load(schema_path)
     return schema_path, schema, sites, check_sites
 

@@ -63,3 +63,33 @@ def write_manifest(sites: list[SimSite], out_dir: Path) -> Path:
     path = out_dir / "sites.json"
     write_json_atomic(path, {"sites": entries})
     return path
+
+
+def write_embedded_sites(out_dir: Path, *, num_sites: int, scheme: str = "iid", alpha: float = 0.5,
+                         seed: int = 0) -> list[SimSite]:
+    """Split the embedded breast-cancer data into ``num_sites`` hospitals, one CSV each
+    in ``out_dir/data`` (written atomically)."""
+    from common.atomic import write_atomic
+
+    from .embedded import breast_cancer_frame, partition
+
+    parts = partition(breast_cancer_frame(), num_sites=num_sites, label="diagnosis", scheme=scheme,
+                      alpha=alpha, seed=seed)
+    sites = []
+    for i, part in enumerate(parts, start=1):
+        path = out_dir / "data" / f"hospital-{i}.csv"
+        write_atomic(path, part.to_csv(index=False))
+        sites.append(SimSite(name=f"hospital-{i}", data=path))
+    return sites
+
+
+def embedded_default_site(partition_id: int, num_partitions: int) -> dict:
+    """Manifest entry of simulated node ``partition_id`` for a bare ``flwr run .``
+    (no manifest given): the embedded data split iid over ``num_partitions`` hospitals,
+    cached in the temp dir."""
+    import tempfile
+
+    root = Path(tempfile.gettempdir()) / f"candor-embedded-{num_partitions}"
+    sites = write_embedded_sites(root, num_sites=num_partitions)
+    site = sites[partition_id % num_partitions]
+    return {"name": site.name, "data": str(site.data), "ledger": str(root / "ledgers" / f"{site.name}.json")}

@@ -1,0 +1,96 @@
+"""The site's part of the federated explanation: ``query.explain`` on the ClientApp.
+
+After training, the coordinator sends the final global model to every site. The site
+explains it on its held-out split (:mod:`common.explain`: Integrated Gradients, mean
+|contribution| per original feature) and replies with a MetricRecord (num-examples and
+one value per original feature) and a ConfigRecord ``candor`` (site, privacy unit,
+``release``, and for a private release: mechanism JSON, clip, accountant, δ, and ε of
+this run including the release).
+
+``release`` says what was sent:
+
+* ``"dp"`` (run with ``dp = true``): the Gaussian-mechanism release of
+  :func:`common.explain.release_importance` with ``explain-clip`` C and
+  ``explain-noise-multiplier`` σ. Under the ledger lock the site checks its lifetime
+  budget, computes the release, appends it to its ledger, and only then replies;
+* ``"exact"`` (``dp = false``, a declared non-private run): the exact means;
+* ``"opted-out"`` (node config ``explain-opt-out = true`` / manifest
+  ``explain_opt_out``): no statistic at all, and nothing is charged.
+
+The run's ``target-epsilon`` calibrates training; the explanation's ε comes on top of
+it and is reported per site (training, explanation, total). The site's lifetime
+budget bounds both: a release that would exceed it is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from common.config import RunConfig
+from common.encoding import Encoder
+from common.errors import BudgetExceeded, CandorError
+from common.explain import attribute, release_importance, release_mechanism
+from common.privacy import PRIVACY_UNIT, MechanismRecord, default_delta, epsilon
+
+from .app import _refusal, _Site, app
+from .ledger import Ledger, new_entry
+from .site import resolve_site
+
+logger = logging.getLogger(__name__)
+
+
+@app.query("explain")
+def handle_explain(msg: Message, context: Context) -> Message:
+    try:
+        spec = resolve_site(context.node_config, RunConfig.from_run_config(context.run_config))
+        if spec.explain_opt_out:
+            logger.info("site '%s' opted out of the federated explanation; nothing sent", spec.name)
+            ident = ConfigRecord({"site": spec.name, "privacy-unit": PRIVACY_UNIT, "release": "opted-out"})
+            return Message(content=RecordDict({"candor": ident}), reply_to=msg)
+        return _explain(_Site(msg, context), msg)
+    except CandorError as err:
+        return _refusal(msg, err)
+
+
+def _explain(site: _Site, msg: Message) -> Message:
+    cfg, spec = site.cfg, site.spec
+    explanation = attribute(site.model, Encoder(site.schema), site.data.test.x)
+    extra = site.identity()
+    if not cfg.dp:
+        release = release_importance(explanation, clip=None, noise_multiplier=None)
+        extra["release"] = "exact"
+    else:
+        delta = cfg.target_delta or default_delta(len(site.data.train))  # the δ of the site's training
+        record = release_mechanism(round=site.round, noise_multiplier=cfg.explain_noise_multiplier,
+                                   run_id=site.run_id)
+        ledger = Ledger(spec.ledger_path, site=spec.name)
+        with ledger.locked():
+            _check_lifetime_budget(site, ledger, record, delta)
+            release = release_importance(explanation, clip=cfg.explain_clip,
+                                         noise_multiplier=cfg.explain_noise_multiplier)
+            eps_run = epsilon(ledger.history(run_id=site.run_id) + [record], delta=delta,
+                              accountant=cfg.accountant)
+            ledger.append(new_entry(record, accountant=cfg.accountant, delta=delta, epsilon_run=eps_run))
+        extra.update({"release": "dp", "mechanism": json.dumps(record.to_dict()), "clip": cfg.explain_clip,
+                      "accountant": cfg.accountant, "delta": delta, "epsilon": eps_run})
+    metrics = {"num-examples": release.num_examples}
+    metrics.update({name: float(v) for name, v in zip(release.features, release.mean)})
+    content = RecordDict({"metrics": MetricRecord(metrics), "candor": extra})
+    return Message(content=content, reply_to=msg)
+
+
+def _check_lifetime_budget(site: _Site, ledger: Ledger, planned: MechanismRecord, delta: float) -> None:
+    spec = site.spec
+    if spec.budget_epsilon is None:
+        return
+    life_delta = spec.budget_delta or delta
+    lifetime = ledger.history() + [planned]
+    eps = epsilon(lifetime, delta=life_delta, accountant=site.cfg.accountant)
+    if eps > spec.budget_epsilon:
+        raise BudgetExceeded(
+            f"site '{spec.name}' refuses the explanation release: its lifetime ε would reach "
+            f"{eps:.3f} > its budget {spec.budget_epsilon} (δ = {life_delta:g}). Nothing was "
+            "sent or recorded. A larger explain-noise-multiplier costs less; explain = false skips it.")

@@ -1,0 +1,171 @@
+"""Starting, watching and stopping Flower's processes (SuperLink, SuperNode, ``flwr``).
+
+Shared by the simulation engine and the deployment commands. Every process is started
+in its own session (process group) so that it and its children (SuperExec, ServerApp,
+ClientApp processes) can be stopped together; every wait polls a condition against a
+deadline, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from urllib.error import URLError
+from urllib.request import urlopen
+
+from .errors import CandorError
+
+__all__ = [
+    "APP_DIR", "ProcessTimeout", "flower_bin", "flower_env", "flwr_json", "free_port", "pid_alive",
+    "run_status", "stop_group", "stop_pid_group", "superlink_healthy", "wait_until",
+]
+
+# The Flower App directory `flwr run` submits: the repository root, which holds
+# pyproject.toml with [tool.flwr.app].
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+class ProcessTimeout(CandorError):
+    """A condition was not met before its deadline."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def flower_bin(name: str) -> str:
+    """Path of a Flower executable, preferring the running interpreter's environment."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
+    """Environment for Flower processes: ``FLWR_HOME``, no per-run dependency installs,
+    one intra-op thread, this environment's executables first on PATH (Flower starts
+    ``flower-superexec`` and the app processes by name) and the app on PYTHONPATH."""
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "OMP_NUM_THREADS": "1",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), os.environ.get("PYTHONPATH", "")])),
+        **extra,
+    }
+
+
+def wait_until(condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.1,
+               error: type[Exception] = ProcessTimeout) -> None:
+    """Poll ``condition`` until it is true; raise ``error`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise error(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def superlink_healthy(address: str, *, ca_cert: Path | None = None) -> bool:
+    """True if the SuperLink at ``host:port`` answers ``/health`` (HTTPS if ``ca_cert``)."""
+    if ca_cert is None:
+        url, context = f"http://{address}/health", None
+    else:
+        url, context = f"https://{address}/health", ssl.create_default_context(cafile=str(ca_cert))
+    try:
+        with urlopen(url, timeout=1.0, context=context) as response:
+            return response.status == 200
+    except (URLError, OSError):
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def stop_pid_group(pid: int, *, grace: float = 10.0) -> None:
+    """SIGTERM the process group led by ``pid``, wait up to ``grace`` s, then SIGKILL it."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # children that outlived their leader
+    except ProcessLookupError:
+        pass
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM ``proc``'s process group (it must lead one), then SIGKILL; reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def flwr_json(args: Sequence[str], *, env: Mapping[str, str], timeout: float = 60) -> dict:
+    """Run ``flwr ARGS --format json`` and return its JSON document.
+
+    Raises:
+        CandorError: the command timed out, printed no JSON, or reported failure.
+    """
+    cmd = [flower_bin("flwr"), *args, "--format", "json"]
+    try:
+        out = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CandorError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f} s") from None
+    try:
+        doc = json.loads(out.stdout[out.stdout.index("{"):])
+    except ValueError:
+        detail = (out.stderr or out.stdout).strip().splitlines()
+        raise CandorError(f"`flwr {' '.join(args)}` failed: {detail[-1] if detail else 'no output'}") from None
+    if not doc.get("success", True):
+        message = str(doc.get("error-message", "unknown error")).strip().splitlines()[-1]
+        raise CandorError(f"`flwr {' '.join(args)}` failed: {message}")
+    return doc
+
+
+def run_status(connection: str, *, env: Mapping[str, str], run_id: int | None = None) -> tuple[int | None, str]:
+    """(run id, status) of run ``run_id`` (default: the newest run), from ``flwr ls``."""
+    try:
+        runs = flwr_json(["ls", connection], env=env)["runs"]
+    except (CandorError, KeyError) as err:
+        return None, f"unknown ({err})"
+    if run_id is not None:
+        runs = [r for r in runs if int(r["run-id"]) == run_id]
+    if not runs:
+        return None, "not submitted"
+    newest = max(runs, key=lambda r: int(r["run-id"]))
+    return int(newest["run-id"]), str(newest["status"])

@@ -1,0 +1,257 @@
+"""The federation directory the coordinator keeps, and its registry of sites.
+
+Layout of ``DIR`` (created by ``candor-server init``)::
+
+    federation.toml   name, host names/IPs in the server certificate, port
+    schema.toml       the federation's data contract (sha256 shown to every site)
+    run_config.toml   the federation's run-config defaults (hyphenated keys)
+    sites.json        registry: the institutions allowed to join, by name, with
+                      their node public keys (Flower SuperNode authentication)
+    pki/              ca.crt, ca.key (0600), server.crt, server.key (0600)
+    flwr/             FLWR_HOME of the coordinator's `flwr` CLI (config.toml)
+    state/            the SuperLink's database (runs, registered nodes)
+    logs/             superlink.log
+    runs/<stamp>/     one directory per training run (see docs/outputs.md)
+    invites/          the files handed to sites (nothing secret)
+
+The registry is the source of truth for who may join; ``candor-server start``
+reconciles the SuperLink's registered nodes with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+from common.atomic import write_atomic, write_json_atomic
+from common.config import RunConfig
+from common.errors import CandorError
+from common.schema import Schema
+
+from .pki import ServerPKI, create_pki
+
+__all__ = ["Federation", "SiteEntry", "check_name", "read_public_key"]
+
+CONNECTION = "candor"  # the `flwr` CLI's name for this federation's SuperLink
+DEFAULT_PORT = 9092
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    if not _NAME.match(name):
+        raise CandorError(f"the {kind} name {name!r} must be 1-63 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit (e.g. st-marys-hospital)")
+    return name
+
+
+def read_public_key(path: Path) -> str:
+    """The OpenSSH ``ecdsa-sha2-nistp384`` public key line in ``path``, checked.
+
+    Raises:
+        CandorError: unreadable file, or not a P-384 public key in OpenSSH format.
+    """
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CandorError(f"cannot read the public key file {path} ({err})") from None
+    if "PRIVATE KEY" in text:
+        raise CandorError(f"{path} is a PRIVATE key: never send or copy it; the site sends its "
+                          "public key (node.pub, printed by `candor-client init`)")
+    try:
+        key = load_ssh_public_key(text.encode())
+    except (ValueError, TypeError, IndexError) as err:
+        raise CandorError(f"{path} is not an OpenSSH public key ({err}); the site's file is the "
+                          "one printed by `candor-client init` (one line 'ecdsa-sha2-nistp384 ...')") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
+        raise CandorError(f"{path} is not an ECDSA P-384 key ('ecdsa-sha2-nistp384 ...'), which Flower's "
+                          "node authentication requires; create one with `candor-client init`")
+    return " ".join(text.split()[:3])
+
+
+def fingerprint(public_line: str) -> str:
+    """OpenSSH-style SHA256 fingerprint (what ``ssh-keygen -lf node.pub`` prints)."""
+    blob = base64.b64decode(public_line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+@dataclass
+class SiteEntry:
+    name: str
+    public_key: str
+    fingerprint: str
+    added: str
+    node_id: int | None = None  # the SuperLink's node id once registered there
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"public_key": self.public_key, "fingerprint": self.fingerprint, "added": self.added,
+                "node_id": None if self.node_id is None else str(self.node_id)}
+
+
+@dataclass
+class Federation:
+    dir: Path
+    name: str
+    hosts: list[str]
+    port: int
+    sites: dict[str, SiteEntry] = field(default_factory=dict)
+    removed: dict[str, dict[str, Any]] = field(default_factory=dict)  # fingerprint -> {name, removed}
+
+    # --- paths ------------------------------------------------------------------
+    @property
+    def pki(self) -> ServerPKI:
+        return ServerPKI.in_dir(self.dir / "pki")
+
+    @property
+    def schema_path(self) -> Path:
+        return self.dir / "schema.toml"
+
+    @property
+    def run_config_path(self) -> Path:
+        return self.dir / "run_config.toml"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.dir / "flwr"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.dir / "runs"
+
+    @property
+    def address(self) -> str:
+        """Where sites dial: the first host given to ``init``, and the port."""
+        host = self.hosts[0]
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    # --- create / load ------------------------------------------------------------
+    @classmethod
+    def create(cls, directory: Path, *, name: str, hosts: list[str], port: int, schema: Path,
+               run_config: dict[str, Any]) -> Federation:
+        """Create the federation directory (refuses to touch an existing federation).
+
+        Raises:
+            CandorError: bad name/host/port, unreadable schema, invalid run config,
+                or ``directory`` already holds a federation or other files.
+        """
+        check_name("federation", name)
+        if not 1 <= port <= 65535:
+            raise CandorError(f"--port must be in 1-65535; got {port}")
+        directory = directory.resolve()
+        if (directory / "federation.toml").exists():
+            raise CandorError(f"{directory} holds a federation already; choose another directory")
+        if directory.exists() and any(directory.iterdir()):
+            raise CandorError(f"{directory} is not empty; `candor-server init` needs a new or empty directory")
+        parsed = Schema.load(schema)
+        defaults = RunConfig().to_run_config()
+        RunConfig.from_run_config({**defaults, **run_config})  # validates the overrides
+        hosts = list(dict.fromkeys(h.strip() for h in hosts if h.strip())) or ["127.0.0.1"]
+        create_pki(directory / "pki", federation=name, hosts=hosts)  # validates hosts first
+        parsed.save(directory / "schema.toml")
+        for sub in ("flwr", "state", "logs", "runs", "invites"):
+            (directory / sub).mkdir(exist_ok=True)
+        (directory / "state").chmod(0o700)
+        write_atomic(directory / "run_config.toml",
+                     "# Run-config defaults of this federation (keys of [tool.flwr.app.config]);\n"
+                     "# `candor-server run DIR -c key=value` overrides them for one run.\n"
+                     + tomli_w.dumps(run_config))
+        fed = cls(directory, name, hosts, port)
+        write_atomic(directory / "federation.toml", tomli_w.dumps({
+            "name": name, "hosts": hosts, "port": port, "created": _now()}))
+        fed.save_registry()
+        return fed
+
+    @classmethod
+    def load(cls, directory: Path) -> Federation:
+        directory = Path(directory).resolve()
+        meta_path = directory / "federation.toml"
+        try:
+            meta = tomllib.loads(meta_path.read_text())
+            registry = json.loads((directory / "sites.json").read_text())
+        except FileNotFoundError:
+            raise CandorError(f"{directory} is not a Candor federation directory (no {meta_path.name} or "
+                              "sites.json); create one with `candor-server init`") from None
+        except (OSError, ValueError) as err:
+            raise CandorError(f"{directory}: the federation files are unreadable ({err})") from None
+        sites = {
+            name: SiteEntry(name, e["public_key"], e["fingerprint"], e["added"],
+                            int(e["node_id"]) if e.get("node_id") else None)
+            for name, e in registry.get("sites", {}).items()
+        }
+        return cls(directory, meta["name"], list(meta["hosts"]), int(meta["port"]), sites,
+                   dict(registry.get("removed", {})))
+
+    def save_registry(self) -> None:
+        write_json_atomic(self.dir / "sites.json", {
+            "federation": self.name,
+            "sites": {n: s.to_dict() for n, s in sorted(self.sites.items())},
+            "removed": self.removed,
+        })
+
+    # --- registry -----------------------------------------------------------------
+    def add_site(self, name: str, public_key_file: Path) -> SiteEntry:
+        """Add a site to the registry (the SuperLink is told separately).
+
+        Raises:
+            CandorError: bad name, name or key already registered, key removed before.
+        """
+        check_name("site", name)
+        line = read_public_key(public_key_file)
+        fp = fingerprint(line)
+        if name in self.sites:
+            raise CandorError(f"site '{name}' is registered already (key {self.sites[name].fingerprint}); "
+                              f"to change its key: `candor-server remove-site {self.dir} {name}`, then add it again")
+        for other in self.sites.values():
+            if other.fingerprint == fp:
+                raise CandorError(f"the key in {public_key_file} is registered already, as site '{other.name}'; "
+                                  "every site needs its own key")
+        if fp in self.removed:
+            gone = self.removed[fp]
+            raise CandorError(f"the key in {public_key_file} belonged to site '{gone['name']}', removed on "
+                              f"{gone['removed']}; Flower never re-admits a removed key: the site must make a new "
+                              "one (`candor-client new-key SITE_DIR`) and send its new node.pub")
+        entry = SiteEntry(name, line, fp, _now())
+        self.sites[name] = entry
+        self.save_registry()
+        return entry
+
+    def remove_site(self, name: str) -> SiteEntry:
+        if name not in self.sites:
+            known = ", ".join(sorted(self.sites)) or "none"
+            raise CandorError(f"no site named '{name}' in {self.dir / 'sites.json'} (registered: {known})")
+        entry = self.sites.pop(name)
+        self.removed[entry.fingerprint] = {"name": name, "removed": _now(),
+                                           "node_id": None if entry.node_id is None else str(entry.node_id)}
+        self.save_registry()
+        return entry
+
+    def set_node_id(self, name: str, node_id: int | None) -> None:
+        self.sites[name].node_id = node_id
+        self.save_registry()
+
+    def site_by_node(self, node_id: int) -> str | None:
+        return next((s.name for s in self.sites.values() if s.node_id == node_id), None)
+
+    # --- run configuration --------------------------------------------------------
+    def run_config_defaults(self) -> dict[str, Any]:
+        try:
+            return tomllib.loads(self.run_config_path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise CandorError(f"{self.run_config_path}: unreadable run configuration ({err})") from None
+
+    def schema(self) -> Schema:
+        return Schema.load(self.schema_path)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,239 @@
+"""Start, stop and query the federation's Flower SuperLink.
+
+The SuperLink always runs with TLS (the federation's server certificate) and SuperNode
+authentication; it binds 127.0.0.1 unless told otherwise; Flower's per-run dependency
+installation is off (the app runs in this environment). It runs detached in its own
+process group, recorded in ``DIR/superlink.pid``, and logs to ``DIR/logs/superlink.log``.
+Its database (runs, registered nodes) lives in ``DIR/state/`` so both survive restarts.
+The coordinator's ``flwr`` CLI is configured in ``DIR/flwr/config.toml`` as connection
+``candor``: ``FLWR_HOME=DIR/flwr flwr ls candor`` works against the running server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from common.atomic import write_atomic, write_json_atomic
+from common.errors import CandorError
+from common.processes import (
+    flower_bin, flower_env, flwr_json, free_port, pid_alive, stop_pid_group, superlink_healthy, wait_until,
+)
+
+from .federation import CONNECTION, Federation
+
+logger = logging.getLogger(__name__)
+
+# Flower's SuperExec polls for new tasks every second by default; a shorter poll
+# shortens every round (see benchmarks/deployment_round_time.py).
+SUPEREXEC_POLL_SECONDS = "0.1"
+START_TIMEOUT = 60.0
+STOP_GRACE = 15.0
+
+
+@dataclass(frozen=True)
+class Running:
+    pid: int
+    host: str
+    port: int
+    started: float
+
+    @property
+    def local_address(self) -> str:
+        """The address this machine's `flwr` CLI uses (loopback if bound to all interfaces)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def pid_file(fed: Federation) -> Path:
+    return fed.dir / "superlink.pid"
+
+
+def log_file(fed: Federation) -> Path:
+    return fed.dir / "logs" / "superlink.log"
+
+
+def env(fed: Federation) -> dict[str, str]:
+    """Environment for the SuperLink and the coordinator's `flwr` CLI calls."""
+    return flower_env(fed.flwr_home, FLWR_SUPEREXEC_TASK_POLL_INTERVAL=SUPEREXEC_POLL_SECONDS)
+
+
+def running(fed: Federation) -> Running | None:
+    """The running SuperLink of this federation, or None (a stale pid file is ignored)."""
+    try:
+        doc = json.loads(pid_file(fed).read_text())
+    except (OSError, ValueError):
+        return None
+    pid = int(doc["pid"])
+    if not pid_alive(pid) or not _is_our_superlink(pid, fed):
+        return None
+    return Running(pid, str(doc["host"]), int(doc["port"]), float(doc["started"]))
+
+
+def _is_our_superlink(pid: int, fed: Federation) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(b"flower-superlink" in c for c in cmdline) and str(fed.pki.server_cert).encode() in cmdline
+
+
+def write_cli_config(fed: Federation, address: str) -> None:
+    """Point the coordinator's `flwr` CLI (FLWR_HOME=DIR/flwr) at this SuperLink."""
+    fed.flwr_home.mkdir(exist_ok=True)
+    write_atomic(fed.flwr_home / "config.toml", tomli_w.dumps({"superlink": {
+        "default": CONNECTION,
+        CONNECTION: {"address": address, "root-certificates": str(fed.pki.ca_cert)},
+    }}))
+
+
+def start(fed: Federation, *, host: str = "127.0.0.1", port: int | None = None) -> Running:
+    """Start the SuperLink and wait until it answers over TLS.
+
+    Raises:
+        CandorError: it is running already, the port is taken, or it did not start.
+    """
+    if (current := running(fed)) is not None:
+        raise CandorError(f"the SuperLink of {fed.dir} is running already (pid {current.pid}, "
+                          f"port {current.port}); stop it with `candor-server stop {fed.dir}`")
+    fed.pki.check()
+    port = port or fed.port
+    _check_port_free(host, port)
+    log_path = log_file(fed)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    (fed.dir / "state").mkdir(mode=0o700, exist_ok=True)
+    cmd = [
+        flower_bin("flower-superlink"),
+        "--ssl-ca-certfile", str(fed.pki.ca_cert),
+        "--ssl-certfile", str(fed.pki.server_cert),
+        "--ssl-keyfile", str(fed.pki.server_key),
+        "--enable-supernode-auth",
+        "--host", host, "--port", str(port),
+        # Deprecated gRPC Control API: pin it to loopback on a free port so that nothing
+        # binds all interfaces by default and several federations can coexist.
+        "--control-api-address", f"127.0.0.1:{free_port()}",
+        "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--database", str(fed.dir / "state" / "superlink.db"),
+    ]
+    with open(log_path, "ab") as log:
+        log.write(f"\n=== candor-server start {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, env=env(fed), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=fed.dir)
+    state = Running(proc.pid, host, port, time.time())
+    write_json_atomic(pid_file(fed), {"pid": proc.pid, "host": host, "port": port, "started": state.started})
+    write_cli_config(fed, state.local_address)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise CandorError(f"flower-superlink exited with code {proc.returncode} while starting: "
+                              f"{_last_error(log_path)} (full log: {log_path})")
+        return superlink_healthy(state.local_address, ca_cert=fed.pki.ca_cert)
+
+    try:
+        wait_until(ready, timeout=START_TIMEOUT, what=f"the SuperLink to answer at {state.local_address}")
+    except BaseException:
+        stop_pid_group(proc.pid, grace=5)
+        proc.wait()
+        pid_file(fed).unlink(missing_ok=True)
+        raise
+    return state
+
+
+def stop(fed: Federation) -> bool:
+    """Stop the SuperLink (and its ServerApp processes); False if it was not running."""
+    current = running(fed)
+    if current is None:
+        pid_file(fed).unlink(missing_ok=True)
+        return False
+    stop_pid_group(current.pid, grace=STOP_GRACE)
+    wait_until(lambda: not pid_alive(current.pid), timeout=STOP_GRACE,
+               what=f"the SuperLink (pid {current.pid}) to exit")
+    pid_file(fed).unlink(missing_ok=True)
+    return True
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise CandorError(f"cannot listen on {host}:{port} ({err.strerror}): another program (or another "
+                              "federation) uses that port; pass `--port` to `candor-server start`") from None
+
+
+def _last_error(log_path: Path) -> str:
+    try:
+        lines = [l.strip() for l in log_path.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return "no log"
+    errors = [l for l in lines if "ERROR" in l or "Error" in l]
+    return (errors or lines or ["no output"])[-1]
+
+
+# --- registered nodes ----------------------------------------------------------------
+
+def nodes(fed: Federation) -> list[dict[str, Any]]:
+    """The SuperLink's nodes (``flwr supernode list``): node-id, status, online-at, ..."""
+    return flwr_json(["supernode", "list", CONNECTION], env=env(fed))["nodes"]
+
+
+def register(fed: Federation, name: str) -> int:
+    """Register site ``name``'s key with the running SuperLink; returns its node id."""
+    entry = fed.sites[name]
+    key_file = fed.dir / "state" / f"{name}.pub"
+    write_atomic(key_file, entry.public_key + "\n")
+    try:
+        doc = flwr_json(["supernode", "register", str(key_file), CONNECTION, "--name", name], env=env(fed))
+    except CandorError as err:
+        if "already in use" in str(err):
+            raise CandorError(f"the SuperLink refuses site '{name}'s key ({entry.fingerprint}): it was registered "
+                              "and removed before, and Flower never re-admits a removed key. Remove the site and "
+                              "ask it for a new key (`candor-client new-key SITE_DIR`)") from None
+        raise
+    finally:
+        key_file.unlink(missing_ok=True)
+    node_id = int(doc["node-id"])
+    fed.set_node_id(name, node_id)
+    return node_id
+
+
+def unregister(fed: Federation, node_id: int) -> None:
+    flwr_json(["supernode", "unregister", str(node_id), CONNECTION], env=env(fed))
+
+
+ACTIVE = ("registered", "online", "offline")
+
+
+def reconcile(fed: Federation) -> list[str]:
+    """Make the SuperLink's registered nodes equal the registry; returns what changed."""
+    changes = []
+    listed = {int(n["node-id"]): n["status"] for n in nodes(fed)}
+    active = {nid for nid, status in listed.items() if status in ACTIVE}
+    wanted = set()
+    for name, entry in sorted(fed.sites.items()):
+        if entry.node_id is not None and entry.node_id in active:
+            wanted.add(entry.node_id)
+            continue
+        node_id = register(fed, name)
+        wanted.add(node_id)
+        changes.append(f"registered site '{name}' (node {node_id})")
+    for node_id in sorted(active - wanted):
+        unregister(fed, node_id)
+        changes.append(f"unregistered node {node_id} (not in the registry)")
+    return changes
+
+
+def uptime(state: Running) -> str:
+    seconds = int(time.time() - state.started)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"

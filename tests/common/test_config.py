@@ -1,0 +1,45 @@
+"""RunConfig: the only reader of run-config keys."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import RunConfig
+from common.errors import ConfigError
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def test_pyproject_declares_every_key_with_the_dataclass_default():
+    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == RunConfig().to_run_config()
+
+
+def test_round_trip():
+    cfg = RunConfig(num_server_rounds=7, dp=False, model="logreg")
+    assert RunConfig.from_run_config(cfg.to_run_config()) == cfg
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("num-server-rounds", 0, "'num-server-rounds' parameter must be an integer >= 1. Got 0"),
+    ("target-epsilon", -1.0, "'target-epsilon' parameter must be a number >= 0"),
+    ("accountant", "gdp", "under-state"),
+    ("strategy", "fedsgd", "one of fedavg, fedprox, fedadam"),
+    ("batch-size", "big", "must be of type int; got 'big'"),
+    ("test-fraction", 1.0, "'test-fraction' parameter must be a number in (0, 1)"),
+    ("hidden", "64,,x", "comma-separated positive layer widths"),
+    ("no-such-key", 1, "Unknown run-config key 'no-such-key'"),
+])
+def test_bad_values_name_the_key_the_rule_and_the_value(key, value, fragment):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config({key: value})
+    assert fragment in str(err.value)
+
+
+def test_dp_needs_a_target_or_a_noise_multiplier():
+    with pytest.raises(ConfigError, match="target-epsilon"):
+        RunConfig(dp=True, target_epsilon=0.0, noise_multiplier=0.0)
+    assert RunConfig(dp=False, target_epsilon=0.0).dp is False

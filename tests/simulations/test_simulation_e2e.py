@@ -1,0 +1,110 @@
+"""A real Flower simulation through `candor-sim`: 3 sites, 2 rounds, DP on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dp_accounting
+import pytest
+import torch
+
+from common.encoding import Encoder
+from common.models import build_model
+from common.schema import Schema
+from common.training import TensorSplit, evaluate
+from simulations.embedded import BREAST_CANCER_SCHEMA_PATH, breast_cancer_frame
+
+CANDOR_SIM = str(Path(sys.executable).parent / "candor-sim")
+TARGET = 3.0
+
+
+def pld_epsilon(history: list[dict], delta: float) -> float:
+    events = [dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        h["sample_rate"], dp_accounting.GaussianDpEvent(h["noise_multiplier"])), h["steps"]) for h in history]
+    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    return acc.compose(dp_accounting.ComposedDpEvent(events)).get_epsilon(delta)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "run"
+    proc = subprocess.run(
+        [CANDOR_SIM, "run", "--num-sites", "3", "--out", str(out), "-c", "num-server-rounds=2",
+         "-c", f"target-epsilon={TARGET}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    return proc, out
+
+
+def test_run_completes_and_writes_every_output(run):
+    proc, out = run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("metrics.json", "metrics.csv", "privacy.json", "model.pt", "progress.png", "config.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert "round 2/2" in proc.stdout and "Privacy spent per site" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for r in metrics["rounds"]:
+        assert set(r["sites"]) == {"hospital-1", "hospital-2", "hospital-3"}
+        assert {"loss", "accuracy", "auroc"} <= set(r["aggregate"])
+
+
+def test_epsilon_is_cumulative_within_target_and_recomputable(run):
+    proc, out = run
+    privacy = json.loads((out / "privacy.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(privacy["sites"]) == {"hospital-1", "hospital-2", "hospital-3"}
+    for site, p in privacy["sites"].items():
+        assert [h["round"] for h in p["history"]] == [1, 2]
+        assert p["privacy_unit"] == "one record" and p["accountant"] == "prv"
+        assert p["delta"] < 1 / p["num_examples"]
+        independent = pld_epsilon(p["history"], p["delta"])
+        assert p["epsilon"] == pytest.approx(independent, rel=0.02)
+        assert p["epsilon"] <= TARGET + 1e-6
+        eps_round1 = metrics["rounds"][0]["train"][site]["epsilon"]
+        assert eps_round1 < p["epsilon"]  # round 2 reports rounds 1..2 together, not round 2 alone
+        ledger = json.loads((out / "ledgers" / f"{site}.json").read_text())
+        assert [e["round"] for e in ledger["entries"]] == [1, 2]
+
+
+def test_model_beats_its_initialization(run):
+    proc, out = run
+    saved = torch.load(out / "model.pt", weights_only=False)
+    schema = Schema.from_dict(saved["schema"])
+    assert schema == Schema.load(BREAST_CANCER_SCHEMA_PATH)
+    encoder = Encoder(schema)
+    from common.validation import validate
+
+    frame, _ = validate(breast_cancer_frame(), schema, source="embedded")
+    x, y = encoder.encode(frame)
+    data = TensorSplit(torch.from_numpy(x), torch.from_numpy(y))
+    trained = build_model(saved["model"], num_features=encoder.num_features, num_outputs=1,
+                          hidden=tuple(saved["hidden"]))
+    trained.load_state_dict(saved["state_dict"])
+    torch.manual_seed(42)
+    initial = build_model(saved["model"], num_features=encoder.num_features, num_outputs=1,
+                          hidden=tuple(saved["hidden"]))
+    final, start = evaluate(trained, data, num_outputs=1), evaluate(initial, data, num_outputs=1)
+    assert final["loss"] < start["loss"]
+    assert final["accuracy"] > max(start["accuracy"], 0.8)
+
+
+def test_bad_site_data_is_refused_before_anything_starts(tmp_path):
+    bad = tmp_path / "bad.csv"
+    frame = breast_cancer_frame().head(40).astype({"mean_radius": object})
+    frame.loc[3, "mean_radius"] = "abc"
+    frame.drop(columns=["worst_area"]).to_csv(bad, index=False)
+    good = tmp_path / "good.csv"
+    breast_cancer_frame().head(60).to_csv(good, index=False)
+    proc = subprocess.run(
+        [CANDOR_SIM, "run", "--schema", str(BREAST_CANCER_SCHEMA_PATH), "--site", f"a={good}",
+         "--site", f"b={bad}", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "worst_area" in proc.stderr and "mean_radius" in proc.stderr and str(bad) in proc.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
