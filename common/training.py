@@ -66,9 +66,11 @@ class LocalTraining:
         learning_rate: step size of the local optimizer.
         optimizer: "sgd" or "adam".
         momentum: SGD momentum.
-        proximal_mu: FedProx μ; after each step w <- w - lr·μ·(w - w_global), the
-            decoupled proximal step (equal to adding μ/2·||w - w_global||² to the loss
-            for plain SGD; data-independent, so it is post-processing under DP).
+        proximal_mu: FedProx μ (Li et al. 2020). After each optimizer step the weights
+            take the proximal step of μ/2·||w - w_global||²: w <- (w + lr·μ·w_global) /
+            (1 + lr·μ), stable for any lr·μ. It is data-independent, so under DP it is
+            post-processing and costs no privacy (a penalty inside the loss would be
+            dropped by Opacus' per-sample gradients).
         noise_multiplier: σ; ``None`` trains without DP.
         max_grad_norm: per-record clipping bound C (private only).
     """
@@ -130,6 +132,7 @@ def train(
     criterion = loss_function(num_outputs)
     global_params = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else None
     params = list(model.parameters())
+    lr_mu = settings.learning_rate * settings.proximal_mu
     if settings.optimizer == "adam":
         optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
     else:
@@ -173,7 +176,7 @@ def train(
             if global_params is not None:
                 with torch.no_grad():
                     for p, g in zip(params, global_params):
-                        p.sub_(settings.learning_rate * settings.proximal_mu * (p - g))
+                        p.add_(g, alpha=lr_mu).div_(1 + lr_mu)
             step += 1
             if step >= settings.steps:
                 break
