@@ -19,8 +19,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from common.config import RunConfig
-from common.data import SiteData, load_site, stable_seed
+from common.data import SiteData, load_plugin_site, load_site, stable_seed
 from common.errors import BudgetExceeded, CandorError
+from common.explain import release_mechanism
 from common.models import build_model
 from common.privacy import PRIVACY_UNIT, MechanismRecord, calibrate_noise_multiplier, default_delta, epsilon
 from common.schema import Schema
@@ -52,11 +53,15 @@ class _Site:
                 f"{self.schema.sha256()[:12]}) differs from the federation's ({str(expected)[:12]}); "
                 "fetch the federation's schema from the coordinator"
             )
-        self.data: SiteData = load_site(
-            self.schema, self.spec.data_path, test_path=self.spec.test_path,
-            test_fraction=self.cfg.test_fraction, seed=stable_seed(self.cfg.seed, self.spec.name, "split"),
-            min_rows=self.cfg.min_rows,
-        )
+        split_seed = stable_seed(self.cfg.seed, self.spec.name, "split")
+        if self.cfg.data_loader:
+            self.data: SiteData = load_plugin_site(
+                self.cfg.data_loader, self.spec.data_path, test_path=self.spec.test_path,
+                test_fraction=self.cfg.test_fraction, seed=split_seed)
+        else:
+            self.data = load_site(
+                self.schema, self.spec.data_path, test_path=self.spec.test_path,
+                test_fraction=self.cfg.test_fraction, seed=split_seed, min_rows=self.cfg.min_rows)
         self.model = build_model(self.cfg.model, num_features=len(self.data.feature_names),
                                  num_outputs=self.schema.num_outputs, hidden=self.cfg.hidden_sizes)
         self.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -102,12 +107,19 @@ def _train(site: _Site, msg: Message) -> Message:
         ledger = Ledger(spec.ledger_path, site=spec.name)
         with ledger.locked():
             run_history = ledger.history(run_id=site.run_id)
-            if cfg.target_epsilon > 0:
-                # Calibrated for the whole run: every round uses the same σ, so the
-                # planned rounds x steps together meet the target.
+            if run_history:
+                sigma = run_history[0].noise_multiplier  # fixed for the whole run at round 1
+            elif cfg.target_epsilon > 0:
+                # Calibrated once, before the site's first round, for the whole run: every
+                # round uses the same σ, so the
+                # planned rounds x steps, plus the explanation release that follows
+                # training (client/explain_app.py), together meet the target.
+                reserved = ([release_mechanism(round=cfg.num_server_rounds + 1,
+                                               noise_multiplier=cfg.explain_noise_multiplier)]
+                            if cfg.explain and not spec.explain_opt_out else [])
                 sigma = calibrate_noise_multiplier(
                     target_epsilon=cfg.target_epsilon, delta=delta, sample_rate=q,
-                    steps=steps * cfg.num_server_rounds, accountant=cfg.accountant)
+                    steps=steps * cfg.num_server_rounds, prior=reserved, accountant=cfg.accountant)
             else:
                 sigma = cfg.noise_multiplier
             planned = MechanismRecord(round=site.round, noise_multiplier=sigma, sample_rate=q,

@@ -38,6 +38,7 @@ class RunConfig:
     momentum: float = 0.0  # SGD momentum
     model: str = "mlp"  # "mlp", "logreg", or "package.module:factory" (see common.models)
     hidden: str = "64,32"  # hidden layer widths of the built-in MLP
+    data_loader: str = ""  # "package.module:function" replacing the CSV pipeline (docs/plugins.md)
     strategy: str = "fedavg"  # "fedavg", "fedprox", "fedadam"
     proximal_mu: float = 0.01  # FedProx μ (the client adds the proximal term)
     server_learning_rate: float = 0.05  # FedAdam server step η
@@ -82,6 +83,8 @@ class RunConfig:
         if self.model not in BUILTIN_MODELS and ":" not in self.model:
             _fail("model", f"one of {BUILTIN_MODELS} or 'package.module:factory'", self.model)
         self.hidden_sizes  # validates
+        if self.data_loader and ":" not in self.data_loader:
+            _fail("data_loader", "'' or 'package.module:function'", self.data_loader)
         if not 0 < self.fraction_train <= 1:
             _fail("fraction_train", "a number in (0, 1]", self.fraction_train)
         if not 0 < self.test_fraction < 1:

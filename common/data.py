@@ -4,6 +4,7 @@ the pooled baseline and the benchmarks."""
 
 from __future__ import annotations
 
+import importlib
 import zlib
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import pandas as pd
 import torch
 
 from .encoding import Encoder
+from .errors import ConfigError
 from .schema import Schema
 from .training import TensorSplit
 from .validation import load_table
@@ -24,6 +26,33 @@ class SiteData:
     train: TensorSplit
     test: TensorSplit
     feature_names: tuple[str, ...]
+
+
+def load_plugin_site(spec: str, data_path: str, *, test_path: str | None, test_fraction: float,
+                     seed: int) -> SiteData:
+    """A site's data from a user's loader ``spec`` = "package.module:function".
+
+    The function is called as ``function(data_path, test_path=..., test_fraction=...,
+    seed=...)`` and returns a :class:`SiteData` (or a ``(train, test, feature_names)``
+    tuple of two :class:`TensorSplit` and a sequence of names). It replaces validation
+    and encoding, so it is responsible for encoding every site identically; the privacy
+    machinery (Poisson sampling, clipping, noise, accounting) is unchanged.
+    """
+    module_name, _, attr = spec.partition(":")
+    try:
+        loader = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"The 'data-loader' parameter names '{spec}', which cannot be imported ({err}).") from None
+    out = loader(data_path, test_path=test_path, test_fraction=test_fraction, seed=seed)
+    if isinstance(out, SiteData):
+        return out
+    try:
+        train, test, names = out
+        assert isinstance(train, TensorSplit) and isinstance(test, TensorSplit)
+    except (TypeError, ValueError, AssertionError):
+        raise ConfigError(f"The data loader '{spec}' must return SiteData or (train, test, feature_names) "
+                          f"with TensorSplit splits; got {type(out).__name__}.") from None
+    return SiteData(train, test, tuple(names))
 
 
 def stable_seed(*parts: object) -> int:

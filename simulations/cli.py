@@ -106,11 +106,13 @@ def _summary(out: Path, seconds: float) -> None:
     if privacy["sites"]:
         print(f"Privacy spent per site (privacy unit: {privacy['privacy_unit']}):")
         for site, p in sorted(privacy["sites"].items()):
-            h = p["history"][-1] if p["history"] else {}
-            steps = sum(x["steps"] for x in p["history"])
-            print(f"  {site:<16} ε = {p['epsilon']:.3f}  δ = {p['delta']:g}  ({p['accountant'].upper()}, "
-                  f"σ = {h.get('noise_multiplier', 0):.3f}, q = {h.get('sample_rate', 0):.4f}, {steps} steps "
-                  f"over {len(p['history'])} rounds)")
+            releases = {(r["round"]) for r in p.get("releases", [])}
+            training = [h for h in p["history"] if h["round"] not in releases]
+            first = training[0] if training else {}
+            extra = "".join(f" + {r['what']} release (σ = {r['noise_multiplier']:.2f})" for r in p.get("releases", []))
+            print(f"  {site:<16} ε = {p['epsilon']:.3f}  δ = {p['delta']:g}  ({p['accountant'].upper()}; "
+                  f"{len(training)} rounds of {sum(h['steps'] for h in training) // max(len(training), 1)} steps, "
+                  f"σ = {first.get('noise_multiplier', 0):.3f}, q = {first.get('sample_rate', 0):.4f}{extra})")
     else:
         print("DP was off: the model carries no privacy guarantee.")
     print(f"Outputs: {out}  (metrics.json, metrics.csv, privacy.json, model.pt, progress.png, flower.log)")
