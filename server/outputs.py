@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 PROGRESS = "[candor]"  # prefix of the per-round lines commands show to the user
 
 
+def site_of(msg: Message) -> str:
+    """The site name a reply carries (its node id if it carries none)."""
+    return str(msg.content.config_records.get("candor", {}).get("site", msg.metadata.src_node_id))
+
+
 class RunRecorder:
     def __init__(self, out_dir: str | Path, *, cfg: RunConfig, schema: Schema, feature_names: list[str]) -> None:
         self.dir = Path(out_dir)
@@ -63,7 +68,7 @@ class RunRecorder:
             logger.warning("%s round %d: a site did not train: %s", PROGRESS, server_round, reason)
             return
         ident = msg.content.config_records.get("candor", {})
-        site = str(ident.get("site", msg.metadata.src_node_id))
+        site = site_of(msg)
         metrics = dict(next(iter(msg.content.metric_records.values())))
         entry["train"][site] = metrics
         if "history" in ident:
@@ -89,13 +94,29 @@ class RunRecorder:
         if msg.has_error():
             logger.warning("%s round %d: a site did not evaluate: %s", PROGRESS, server_round, msg.error.reason)
             return
-        site = str(msg.content.config_records.get("candor", {}).get("site", msg.metadata.src_node_id))
+        site = site_of(msg)
         m = dict(next(iter(msg.content.metric_records.values())))
         m["num_examples"] = int(m.pop("num-examples"))
         self._round(server_round)["sites"][site] = m
 
     def evaluate_aggregate(self, server_round: int, aggregate: MetricRecord | None) -> None:
         self._round(server_round)["aggregate"] = dict(aggregate or {})
+
+    def record_release(self, site: str, mechanism: MechanismRecord, *, what: str, delta: float,
+                       accountant: str, epsilon_reported: float | None = None) -> float:
+        """Append a private release other than training (e.g. ``what="explanation"``) to
+        ``site``'s history; ``epsilon`` becomes the total, recomputed. Returns it."""
+        p = self.privacy.setdefault(site, {"epsilon": 0.0, "delta": delta, "accountant": accountant,
+                                           "privacy_unit": PRIVACY_UNIT, "history": []})
+        p.setdefault("epsilon_training", p["epsilon"])
+        p["history"].append({k: v for k, v in mechanism.to_dict().items() if k != "run_id"})
+        p["epsilon"] = epsilon([MechanismRecord(**h) for h in p["history"]], delta=p["delta"],
+                               accountant=p["accountant"])
+        p.setdefault("releases", []).append({"what": what, "round": mechanism.round,
+                                             "noise_multiplier": mechanism.noise_multiplier})
+        if epsilon_reported is not None:
+            p["epsilon_reported"] = epsilon_reported
+        return p["epsilon"]
 
     # --- checkpoint hook (strategy.start's evaluate_fn) -----------------------
     def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:

@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from common.config import RunConfig
 
-from .outputs import RunRecorder
+from .outputs import RunRecorder, site_of
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,9 @@ class RecordingStrategy(Strategy):
         replies = list(replies)
         for msg in replies:
             self.recorder.train_reply(server_round, msg)
-        return self.inner.aggregate_train(server_round, [m for m in replies if not m.has_error()])
+        # A fixed order (by site) makes the floating-point sums, hence seeded runs, reproducible.
+        return self.inner.aggregate_train(server_round, sorted(
+            (m for m in replies if not m.has_error()), key=site_of))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
@@ -82,6 +84,7 @@ class RecordingStrategy(Strategy):
         replies = list(replies)
         for msg in replies:
             self.recorder.evaluate_reply(server_round, msg)
-        aggregate = self.inner.aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
+        aggregate = self.inner.aggregate_evaluate(server_round, sorted(
+            (m for m in replies if not m.has_error()), key=site_of))
         self.recorder.evaluate_aggregate(server_round, aggregate)
         return aggregate
