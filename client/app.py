@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import secrets
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -27,7 +28,9 @@ from common.privacy import PRIVACY_UNIT, MechanismRecord, calibrate_noise_multip
 from common.schema import Schema
 from common.training import LocalTraining, evaluate, sample_rate, steps_for_epochs, train
 
+from . import secagg
 from .ledger import Ledger, new_entry
+from .receipts import record_receipt
 from .site import SiteSpec, resolve_site
 
 logging.getLogger("flwr").propagate = False  # opacus' basicConfig would print every flwr line twice
@@ -79,6 +82,15 @@ def _refusal(msg: Message, err: Exception) -> Message:
 
 @app.train()
 def handle_train(msg: Message, context: Context) -> Message:
+    if secagg.is_stage(msg):  # secure aggregation (client/secagg.py): the update leaves only masked
+        return secagg.handle(msg, context, train=_handle_plain_train)
+    refusal = secagg.plain_training_refused(context)
+    if refusal is not None:
+        return _refusal(msg, refusal)
+    return _handle_plain_train(msg, context)
+
+
+def _handle_plain_train(msg: Message, context: Context) -> Message:
     try:
         site = _Site(msg, context)
         return _train(site, msg)
@@ -92,7 +104,8 @@ def _train(site: _Site, msg: Message) -> Message:
     q = sample_rate(n, cfg.batch_size)
     steps = steps_for_epochs(n, cfg.batch_size, cfg.local_epochs)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    generator = torch.Generator().manual_seed(stable_seed(cfg.seed, spec.name, site.round))
+    seed = stable_seed(cfg.seed, spec.name, site.round) if spec.reproducible_noise else secrets.randbits(63)
+    generator = torch.Generator().manual_seed(seed)
     settings = LocalTraining(steps=steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                              optimizer=cfg.optimizer, momentum=cfg.momentum, proximal_mu=mu,
                              max_grad_norm=cfg.max_grad_norm)
@@ -142,6 +155,7 @@ def _train(site: _Site, msg: Message) -> Message:
         "metrics": MetricRecord(metrics),
         "candor": extra,
     })
+    record_receipt(spec, msg, kind="train", sent=content["arrays"])
     return Message(content=content, reply_to=msg)
 
 
@@ -175,6 +189,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         return _refusal(msg, err)
     scores = evaluate(site.model, site.data.test, num_outputs=site.schema.num_outputs)
     metrics = MetricRecord({"num-examples": len(site.data.test), **scores})
+    try:
+        record_receipt(site.spec, msg, kind="evaluate")
+    except CandorError as err:
+        return _refusal(msg, err)
     return Message(content=RecordDict({"metrics": metrics, "candor": site.identity()}), reply_to=msg)
 
 

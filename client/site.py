@@ -31,6 +31,10 @@ class SiteSpec:
     budget_epsilon: float | None = None  # lifetime ε this site allows; None = no limit
     budget_delta: float | None = None  # δ of the lifetime budget; None = the run's δ
     explain_opt_out: bool = False  # True: send nothing for the federated explanation
+    # Simulation only: sampling and noise seeded from the run's public `seed`, so runs
+    # are reproducible. A deployed site draws them from the OS's entropy instead:
+    # noise anyone could regenerate from public values would void the guarantee.
+    reproducible_noise: bool = False
 
 
 def resolve_site(node_config: Mapping[str, Any], cfg: RunConfig) -> SiteSpec:
@@ -69,6 +73,7 @@ def resolve_site(node_config: Mapping[str, Any], cfg: RunConfig) -> SiteSpec:
         budget_epsilon=_opt_float(entry.get("budget_epsilon")),
         budget_delta=_opt_float(entry.get("budget_delta")),
         explain_opt_out=bool(entry.get("explain_opt_out", False)),
+        reproducible_noise=True,
     )
 
 

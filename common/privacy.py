@@ -23,6 +23,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from .errors import ConfigError
 
 PRIVACY_UNIT = "one record"
@@ -97,7 +99,8 @@ def _epsilon(triples: tuple[tuple[float, float, int], ...], delta: float, accoun
 
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
     acc.history = list(triples)
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # PRV at q = 1 takes log(0) on its way to a finite ε
+        return float(acc.get_epsilon(delta=delta))
 
 
 def epsilon(history: Sequence[MechanismRecord], *, delta: float, accountant: str = "prv") -> float:
