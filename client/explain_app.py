@@ -17,9 +17,10 @@ this run including the release).
 * ``"opted-out"`` (node config ``explain-opt-out = true`` / manifest
   ``explain_opt_out``): no statistic at all, and nothing is charged.
 
-The run's ``target-epsilon`` calibrates training; the explanation's ε comes on top of
-it and is reported per site (training, explanation, total). The site's lifetime
-budget bounds both: a release that would exceed it is refused.
+The release is part of the run: with ``target-epsilon`` set, training is calibrated so
+that its rounds plus this release meet the target (client/app.py reserves it), and the
+release is checked like a training round (``_check_budgets``: the run's target and the
+site's lifetime budget); one that would exceed either is refused, nothing sent.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from common.config import RunConfig
 from common.encoding import Encoder
-from common.errors import BudgetExceeded, CandorError
+from common.errors import CandorError
 from common.explain import attribute, release_importance, release_mechanism
-from common.privacy import PRIVACY_UNIT, MechanismRecord, default_delta, epsilon
+from common.privacy import PRIVACY_UNIT, default_delta, epsilon
 
-from .app import _refusal, _Site, app
+from .app import _check_budgets, _refusal, _Site, app
 from .ledger import Ledger, new_entry
 from .site import resolve_site
 
@@ -68,11 +69,11 @@ def _explain(site: _Site, msg: Message) -> Message:
                                    run_id=site.run_id)
         ledger = Ledger(spec.ledger_path, site=spec.name)
         with ledger.locked():
-            _check_lifetime_budget(site, ledger, record, delta)
+            run_history = ledger.history(run_id=site.run_id)
+            _check_budgets(site, ledger, run_history, record, delta)
             release = release_importance(explanation, clip=cfg.explain_clip,
                                          noise_multiplier=cfg.explain_noise_multiplier)
-            eps_run = epsilon(ledger.history(run_id=site.run_id) + [record], delta=delta,
-                              accountant=cfg.accountant)
+            eps_run = epsilon(run_history + [record], delta=delta, accountant=cfg.accountant)
             ledger.append(new_entry(record, accountant=cfg.accountant, delta=delta, epsilon_run=eps_run))
         extra.update({"release": "dp", "mechanism": json.dumps(record.to_dict()), "clip": cfg.explain_clip,
                       "accountant": cfg.accountant, "delta": delta, "epsilon": eps_run})
@@ -81,16 +82,3 @@ def _explain(site: _Site, msg: Message) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics), "candor": extra})
     return Message(content=content, reply_to=msg)
 
-
-def _check_lifetime_budget(site: _Site, ledger: Ledger, planned: MechanismRecord, delta: float) -> None:
-    spec = site.spec
-    if spec.budget_epsilon is None:
-        return
-    life_delta = spec.budget_delta or delta
-    lifetime = ledger.history() + [planned]
-    eps = epsilon(lifetime, delta=life_delta, accountant=site.cfg.accountant)
-    if eps > spec.budget_epsilon:
-        raise BudgetExceeded(
-            f"site '{spec.name}' refuses the explanation release: its lifetime ε would reach "
-            f"{eps:.3f} > its budget {spec.budget_epsilon} (δ = {life_delta:g}). Nothing was "
-            "sent or recorded. A larger explain-noise-multiplier costs less; explain = false skips it.")
