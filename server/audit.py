@@ -1,0 +1,310 @@
+"""The run's audit trail: ``audit.jsonl`` in the run directory, signed by the coordinator.
+
+Format (hash chain, Ed25519 signatures, strict reader): :mod:`common.auditlog`. Entries:
+
+- ``start``: the run id, the resolved run config, the app code's hash
+  (:func:`code_sha256`), the schema's sha256, the initial model's hash, and the signing
+  key (fingerprint, and whether it is ephemeral);
+- ``round``, one per round: the hash of the model sent, every update received (site,
+  ``common.hashing.hash_arrays`` of the update, the privacy spending and mechanism the
+  site reported), the sites aggregated, the updates rejected by the checks
+  (``server.checks``) and the refusals, whether secure aggregation hid the individual
+  updates (then only the aggregate's hash is known), and the resulting global model's
+  hash;
+- ``final``: the final model's hash, the sha256 of every file the run publishes (model,
+  exports, model card) and each site's privacy (ε, δ, accountant, mechanism history,
+  explanation release included).
+
+Durability: every append rewrites the whole file with :func:`common.atomic.write_atomic`
+(temp file, fsync, rename, fsync of the directory): after ``kill -9`` at any instant the
+file is the log before or after the append, never a torn line, so the reader can be
+strict. A log is a few kB per round; rewriting it costs nothing next to a round.
+
+Key (run-config ``audit-key``): the path of the coordinator's Ed25519 private key (PEM,
+PKCS#8, unencrypted, mode 0600; :func:`write_private_key` creates one), or ``""``: an
+ephemeral key generated for this run and never written anywhere. Its public key is
+always written beside the log (``audit_public_key.pem``). An ephemeral key proves that
+the log was not changed after the run, to whoever trusts the public key they were given
+with it; a long-lived key whose fingerprint the coordinator publishes proves more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common.atomic import json_safe, write_atomic
+from common.auditlog import GENESIS, AuditLogError, entry_hash, key_fingerprint, load_public_key, read_log, sign_entry
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.hashing import canonical_json, hash_arrays, sha256_file
+from common.schema import Schema
+
+from .outputs import RunRecorder, site_of
+
+logger = logging.getLogger(__name__)
+
+AUDIT_LOG = "audit.jsonl"
+PUBLIC_KEY = "audit_public_key.pem"
+APP_ROOT = Path(__file__).resolve().parents[1]
+CODE_PACKAGES = ("common", "client", "server")
+_PRIVACY_METRICS = {"epsilon": "epsilon", "delta": "delta", "noise-multiplier": "noise_multiplier",
+                    "sample-rate": "sample_rate", "steps": "steps"}
+
+
+def code_sha256(root: Path = APP_ROOT) -> str:
+    """SHA-256 of the ``sha256sum`` listing of every ``.py`` file of common/, client/ and
+    server/ under ``root``, sorted by path; the same as::
+
+        cd ROOT && find common client server -name '*.py' -not -path '*/__pycache__/*' \\
+            | LC_ALL=C sort | xargs sha256sum | sha256sum
+    """
+    files = sorted(p.relative_to(root).as_posix() for pkg in CODE_PACKAGES for p in (root / pkg).rglob("*.py")
+                   if "__pycache__" not in p.parts)
+    listing = "".join(f"{sha256_file(root / rel)}  {rel}\n" for rel in files)
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+def load_private_key(path: str) -> tuple[Ed25519PrivateKey, bool]:
+    """``(key, ephemeral)`` for run-config ``audit-key`` (``""``: a new ephemeral key).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, encrypted, or not an Ed25519 key.
+    """
+    if not path:
+        return Ed25519PrivateKey.generate(), True
+    file = Path(path).expanduser()
+    fix = ("Give the coordinator's audit key (an unencrypted Ed25519 PEM; `candor-server init` creates "
+           "one) or audit-key=\"\" for an ephemeral key for this run only.")
+    try:
+        key = serialization.load_pem_private_key(file.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise ConfigError(f"The 'audit-key' parameter names {file}, which does not exist. {fix}") from None
+    except TypeError:
+        raise ConfigError(f"The 'audit-key' file {file} is password-protected; the server must read it "
+                          f"unattended. {fix}") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"The 'audit-key' file {file} is not a PEM private key ({err}). {fix}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"The 'audit-key' file {file} holds a {type(key).__name__}; the audit key must be "
+                          f"Ed25519. {fix}")
+    if file.stat().st_mode & 0o077:
+        logger.warning("%s: the audit key is readable by other users; `chmod 600 %s`", file, file)
+    return key, False
+
+
+def write_private_key(path: str | Path) -> Ed25519PublicKey:
+    """Create a new Ed25519 audit key at ``path`` (PEM PKCS#8, mode 0600, atomic); never
+    overwrites. Returns its public key."""
+    path = Path(path)
+    if path.exists():
+        raise ConfigError(f"{path} exists; an audit key is never overwritten (move it away first)")
+    key = Ed25519PrivateKey.generate()
+    write_atomic(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()), mode=0o600)
+    return key.public_key()
+
+
+def public_pem(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# --- writing --------------------------------------------------------------------------------
+
+class AuditLog:
+    """The append-only signed log of one run, in ``run_dir``."""
+
+    def __init__(self, run_dir: str | Path, key: Ed25519PrivateKey, *, ephemeral: bool) -> None:
+        self.dir = Path(run_dir)
+        self.path = self.dir / AUDIT_LOG
+        self._key = key
+        self.ephemeral = ephemeral
+        self.fingerprint = key_fingerprint(key.public_key())
+        self.entries: list[dict[str, Any]] = []
+        self._text = ""
+        if self.path.exists():
+            logger.warning("%s: replacing the audit log of an earlier run in this directory", self.path)
+        write_atomic(self.dir / PUBLIC_KEY, public_pem(key.public_key()))
+
+    @property
+    def head(self) -> str:
+        """Hash of the last entry (what the next entry links to)."""
+        return entry_hash(self.entries[-1]) if self.entries else GENESIS
+
+    def append(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        entry = sign_entry(self._key, seq=len(self.entries), prev=self.head, time=time.time(), kind=kind,
+                           body=json_safe(body))
+        text = self._text + canonical_json(entry) + "\n"
+        write_atomic(self.path, text)
+        self._text = text
+        self.entries.append(entry)
+        return entry
+
+    def start(self, *, run_id: str, cfg: RunConfig, schema: Schema, initial: ArrayRecord) -> None:
+        self.append("start", {
+            "run_id": run_id,
+            "run_config": cfg.to_run_config(),
+            "code_sha256": code_sha256(),
+            "code_files": "sorted .py files of common/, client/, server/ (docs/trust.md)",
+            "schema_sha256": schema.sha256(),
+            "initial_model_sha256": hash_arrays(initial),
+            "audit_key": {"algorithm": "ed25519", "sha256": self.fingerprint, "ephemeral": self.ephemeral},
+        })
+
+    def final(self, *, model_sha256: str, files: Iterable[str], privacy: dict[str, Any]) -> None:
+        self.append("final", {
+            "model_sha256": model_sha256,
+            "files": {name: sha256_file(self.dir / name) for name in sorted(files)},
+            "privacy": {site: {k: p.get(k) for k in ("epsilon", "delta", "accountant", "history", "releases")
+                               if k in p} for site, p in privacy.get("sites", {}).items()},
+        })
+
+
+def _update(msg: Message) -> dict[str, Any]:
+    """What the log keeps of one training reply."""
+    arrays = list(msg.content.array_records.values())
+    metrics = next(iter(msg.content.metric_records.values()), {})
+    ident = msg.content.config_records.get("candor", {})
+    privacy = {name: metrics[key] for key, name in _PRIVACY_METRICS.items() if key in metrics}
+    if privacy and "accountant" in ident:
+        privacy["accountant"] = str(ident["accountant"])
+    return {"site": site_of(msg), "sha256": hash_arrays(arrays[0]) if len(arrays) == 1 else None,
+            "privacy": privacy or None}
+
+
+class AuditedStrategy(Strategy):
+    """Delegates to ``inner``; appends one signed ``round`` entry to ``log`` per round.
+
+    Put it outermost: it hashes each update before the strategies inside see it (some,
+    like FedMedian, consume the replies' arrays). Rejections are read from ``recorder``'s
+    round entry, where :class:`server.checks.UpdateChecks` reports them. With
+    ``secure_aggregation`` the individual updates are never seen: the entry has no
+    per-update hashes, and :meth:`on_aggregate` (SecureAggregation's hook) supplies the
+    aggregate's.
+    """
+
+    def __init__(self, inner: Strategy, log: AuditLog, recorder: RunRecorder, *,
+                 secure_aggregation: bool = False) -> None:
+        self.inner = inner
+        self.log = log
+        self.recorder = recorder
+        self.secure_aggregation = secure_aggregation
+        self._sent = ""
+        self._aggregate: str | None = None
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def on_aggregate(self, server_round: int, arrays: ArrayRecord, info: dict[str, Any]) -> None:
+        self._aggregate = hash_arrays(arrays)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._sent = hash_arrays(arrays)
+        self._aggregate = None
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        updates = sorted((_update(m) for m in replies if not m.has_error()), key=lambda u: u["site"])
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        entry = self.recorder.rounds.get(server_round, {})
+        rejected = entry.get("rejected", [])
+        rejected_sites = {r["site"] for r in rejected}
+        body: dict[str, Any] = {
+            "round": server_round,
+            "sent_model_sha256": self._sent,
+            "secure_aggregation": self.secure_aggregation,
+            "sites": [u["site"] for u in updates if u["site"] not in rejected_sites],
+            "updates": updates,
+            "rejected": rejected,
+            "refusals": entry.get("refusals", []),
+            "global_model_sha256": hash_arrays(arrays) if arrays is not None else self._sent,
+        }
+        if self.secure_aggregation:
+            for u in updates:
+                u.pop("sha256")
+            body["aggregate_sha256"] = self._aggregate
+        self.log.append("round", body)
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+# --- verifying ------------------------------------------------------------------------------
+
+def verify_run(run_dir: str | Path, *, public_key: str | Path | None = None) -> dict[str, Any]:
+    """Check the run directory (or published bundle) ``run_dir`` against its audit log.
+
+    Checks every entry's text, link and signature (with ``public_key``, default the
+    directory's ``audit_public_key.pem``); that each round started from the previous
+    round's global model; that the log ends with a ``final`` entry; that every file the
+    final entry names is present with the recorded sha256; and that ``model.pt`` holds the
+    last round's global model. Returns a summary.
+
+    Raises:
+        AuditLogError: naming the entry (and file) that fails.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AuditLogError(f"{run_dir}: not a directory; give a run directory or a published bundle")
+    key = load_public_key(Path(public_key) if public_key else run_dir / PUBLIC_KEY)
+    log = run_dir / AUDIT_LOG
+    entries = read_log(log, key)
+    start = entries[0]
+    if start["kind"] != "start":
+        raise AuditLogError(f"{log}: entry 0 is '{start['kind']}', not 'start'")
+    expected = start["body"]["initial_model_sha256"]
+    rounds, sites = 0, set()
+    for e in entries[1:]:
+        where = f"{log}: entry {e['seq']} ({e['kind']})"
+        if e["kind"] == "round":
+            if e["body"]["sent_model_sha256"] != expected:
+                raise AuditLogError(f"{where}: round {e['body']['round']} sent a model ({e['body']['sent_model_sha256'][:16]}) "
+                                    f"that is not the previous global model ({expected[:16]})")
+            expected = e["body"]["global_model_sha256"]
+            rounds += 1
+            sites.update(e["body"]["sites"])
+        elif e["kind"] != "final" or e is not entries[-1]:
+            raise AuditLogError(f"{where}: unexpected entry kind here")
+    final = entries[-1]
+    where = f"{log}: entry {final['seq']} (final)"
+    if final["kind"] != "final":
+        raise AuditLogError(f"{log}: the last entry ({final['seq']}, {final['kind']}) is not 'final': the run did "
+                            "not finish (the log itself is intact up to that entry)")
+    if final["body"]["model_sha256"] != expected:
+        raise AuditLogError(f"{where}: the final model ({final['body']['model_sha256'][:16]}) is not the last "
+                            f"round's global model ({expected[:16]})")
+    for name, sha in sorted(final["body"]["files"].items()):
+        path = run_dir / name
+        if not path.is_file():
+            raise AuditLogError(f"{path}: missing; {where} records its sha256")
+        actual = sha256_file(path)
+        if actual != sha:
+            raise AuditLogError(f"{path}: sha256 {actual[:16]} differs from {sha[:16]} recorded in {where}: "
+                                "the file is not the one this run produced")
+    model = run_dir / "model.pt"
+    if not model.is_file() or "model.pt" not in final["body"]["files"]:
+        raise AuditLogError(f"{model}: the model file is missing or not recorded in {where}")
+    state = torch.load(model, map_location="cpu", weights_only=True)["state_dict"]
+    if hash_arrays(state) != expected:
+        raise AuditLogError(f"{model}: its weights are not the global model recorded in {where}")
+    return {"entries": len(entries), "rounds": rounds, "sites": sorted(sites), "run_id": start["body"]["run_id"],
+            "key_sha256": key_fingerprint(key), "ephemeral": start["body"]["audit_key"]["ephemeral"],
+            "model_sha256": expected, "files": sorted(final["body"]["files"])}
