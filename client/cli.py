@@ -13,7 +13,7 @@ import sys
 
 from common.errors import CandorError
 
-COMMAND_MODULES = ("client.check",)
+COMMAND_MODULES = ("client.check", "client.deploy", "client.explain_cmds", "client.audit_cmds")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,11 @@ from typing import Any
 from .errors import ConfigError
 from .privacy import check_accountant
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+# Strategies that only need the weighted SUM of the updates: the ones secure aggregation
+# can serve. Order statistics / distances (FedMedian, trimmed mean, Krum...) need every
+# site's update, which secure aggregation hides; a new strategy is refused until added here.
+SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam")
 OPTIMIZERS = ("sgd", "adam")
 BUILTIN_MODELS = ("mlp", "logreg")
 
@@ -39,7 +43,7 @@ class RunConfig:
     model: str = "mlp"  # "mlp", "logreg", or "package.module:factory" (see common.models)
     hidden: str = "64,32"  # hidden layer widths of the built-in MLP
     data_loader: str = ""  # "package.module:function" replacing the CSV pipeline (docs/plugins.md)
-    strategy: str = "fedavg"  # "fedavg", "fedprox", "fedadam"
+    strategy: str = "fedavg"  # "fedavg", "fedprox", "fedadam"; robust: "fedmedian", "fedtrimmedavg", "krum"
     proximal_mu: float = 0.01  # FedProx μ (the client adds the proximal term)
     server_learning_rate: float = 0.05  # FedAdam server step η
     fraction_train: float = 1.0  # fraction of connected sites sampled per round
@@ -54,6 +58,16 @@ class RunConfig:
     explain: bool = True  # after training, sites release feature importances of the final model
     explain_noise_multiplier: float = 3.0  # σ of that release (DP runs; one Gaussian, ε ≈ 1.28 alone at δ=1e-5)
     explain_clip: float = 0.5  # L2 bound C on one record's |contribution| vector, probability points
+    secure_aggregation: bool = False  # SecAgg+: the server learns only the sum of the updates (docs/secure_aggregation.md)
+    secagg_num_shares: float = 1.0  # neighbours a site secret-shares with: fraction (0, 1] of the sampled sites, or a count >= 3
+    secagg_reconstruction_threshold: float = 0.5  # a secret is rebuilt from MORE than this fraction of its shares, in [0.5, 1]
+    secagg_clipping_range: float = 8.0  # c: each coordinate of (num-examples / max-weight) x update is clipped to [-c, c]
+    secagg_max_weight: float = 1000.0  # M: weight scale in rows; set near the largest site's training rows
+    secagg_quantization_range: int = 4194304  # Q = 2^22 levels per coordinate; sites per round x Q < 2^32
+    max_update_norm: float = 0.0  # reject an update moving the model by more than this (L2 over all arrays); 0 = off
+    trimmed_beta: float = 0.2  # fedtrimmedavg: fraction cut at EACH end of every coordinate, in [0, 0.5)
+    krum_byzantine: int = 0  # krum: f, faulty sites tolerated (Krum needs min-sites >= 2f + 3)
+    audit_key: str = ""  # coordinator's Ed25519 audit key (PEM path); "" = ephemeral key for this run (docs/trust.md)
 
     def __post_init__(self) -> None:
         _positive_int(self, "num_server_rounds")
@@ -80,6 +94,16 @@ class RunConfig:
         check_accountant(self.accountant)
         _choice(self, "optimizer", OPTIMIZERS)
         _choice(self, "strategy", STRATEGIES)
+        if self.max_update_norm < 0:
+            _fail("max_update_norm", "a number >= 0 (0 = no bound)", self.max_update_norm)
+        if not 0 <= self.trimmed_beta < 0.5:
+            _fail("trimmed_beta", "a fraction in [0, 0.5)", self.trimmed_beta)
+        if self.krum_byzantine < 0:
+            _fail("krum_byzantine", "an integer >= 0", self.krum_byzantine)
+        if self.strategy == "krum" and self.min_sites < 2 * self.krum_byzantine + 3:
+            _fail("min_sites", f"at least 2 x krum-byzantine + 3 = {2 * self.krum_byzantine + 3} with strategy "
+                  "'krum' (Krum tolerates f faulty sites among n > 2f + 2)", self.min_sites)
+        self._check_secure_aggregation()
         if self.model not in BUILTIN_MODELS and ":" not in self.model:
             _fail("model", f"one of {BUILTIN_MODELS} or 'package.module:factory'", self.model)
         self.hidden_sizes  # validates
@@ -91,6 +115,29 @@ class RunConfig:
             _fail("test_fraction", "a number in (0, 1)", self.test_fraction)
         if self.momentum < 0 or self.proximal_mu < 0 or self.server_learning_rate <= 0:
             raise ConfigError("'momentum' and 'proximal-mu' must be >= 0, 'server-learning-rate' > 0")
+
+    def _check_secure_aggregation(self) -> None:
+        shares = self.secagg_num_shares
+        if not (0 < shares <= 1 or (shares >= 3 and float(shares).is_integer())):
+            _fail("secagg_num_shares", "a fraction in (0, 1] of the sampled sites or a whole count >= 3", shares)
+        if not 0.5 <= self.secagg_reconstruction_threshold <= 1:
+            _fail("secagg_reconstruction_threshold", "a fraction in [0.5, 1] (a strict majority of the shares or more)",
+                  self.secagg_reconstruction_threshold)
+        _positive(self, "secagg_clipping_range")
+        _positive(self, "secagg_max_weight")
+        if not 2 <= self.secagg_quantization_range < 2**31:
+            _fail("secagg_quantization_range", "an integer in [2, 2^31)", self.secagg_quantization_range)
+        if not self.secure_aggregation:
+            return
+        if self.strategy not in SECAGG_STRATEGIES:
+            raise ConfigError(
+                f"secure-aggregation=true cannot be combined with strategy '{self.strategy}': it needs every site's "
+                "update, and secure aggregation shows the server only their weighted sum. Use one of "
+                f"{', '.join(SECAGG_STRATEGIES)}, or secure-aggregation=false.")
+        if getattr(self, "max_update_norm", 0) > 0:
+            raise ConfigError(
+                "secure-aggregation=true cannot be combined with max-update-norm > 0: the coordinator never sees a "
+                f"site's update, so it cannot bound its norm. Got max-update-norm={self.max_update_norm}; set it to 0.")
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
+from .errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,6 +58,9 @@ def _identity(batch):
     return batch
 
 
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+
+
 @dataclass(frozen=True)
 class LocalTraining:
     """What one round of local training does.
@@ -73,6 +78,15 @@ class LocalTraining:
             dropped by Opacus' per-sample gradients).
         noise_multiplier: σ; ``None`` trains without DP.
         max_grad_norm: per-record clipping bound C (private only).
+        grad_sample_mode: how Opacus clips per-record gradients (private only).
+            "hooks": materialises each record's gradient, then clips. "ghost": ghost
+            clipping (Li et al. 2022, "Large Language Models Can Be Strong
+            Differentially Private Learners"; Bu et al. 2023 for the two-pass
+            "book-keeping" form Opacus implements): per-record gradient norms from
+            activations and output gradients, then a second backward pass over the
+            clip-weighted loss; the same clipped sum, without per-record gradients.
+            Correct only with per-record losses of shape (B,), which ``train``
+            ensures (tests/common/test_ghost_clipping.py compares it with "hooks").
     """
 
     steps: int
@@ -83,6 +97,12 @@ class LocalTraining:
     proximal_mu: float = 0.0
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
+    grad_sample_mode: str = "hooks"
+
+    def __post_init__(self) -> None:
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ConfigError(f"The 'grad_sample_mode' parameter must be one of {', '.join(GRAD_SAMPLE_MODES)}. "
+                              f"Got {self.grad_sample_mode!r} instead.")
 
 
 @dataclass(frozen=True)
@@ -147,9 +167,10 @@ def train(
 
         # Opacus' DPDataLoader keeps this loader's generator for its Poisson sampler.
         loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=_identity, generator=generator)
+        ghost = settings.grad_sample_mode == "ghost"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # secure_mode advisory, see docs/privacy.md
-            train_model, optimizer, loader = PrivacyEngine(accountant="prv").make_private(
+            private = PrivacyEngine(accountant="prv").make_private(
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
@@ -157,7 +178,11 @@ def train(
                 max_grad_norm=settings.max_grad_norm,
                 poisson_sampling=True,
                 noise_generator=generator,
+                grad_sample_mode=settings.grad_sample_mode,
+                **({"criterion": criterion} if ghost else {}),
             )
+        # Ghost mode also returns the criterion, wrapped: its loss.backward() runs both passes.
+        train_model, optimizer, criterion, loader = private if ghost else (private[0], private[1], criterion, private[2])
     train_model.train()
     # torch warns that Opacus' backward hooks fire although inputs need no gradient.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -17,6 +17,9 @@ from common.errors import CandorError
 from common.models import build_model
 from common.schema import Schema
 
+from .audit import AuditedStrategy, AuditLog, load_private_key
+from .checks import UpdateChecks
+from .export import finalise
 from .outputs import PROGRESS, RunRecorder
 from .strategy import RecordingStrategy, build_strategy
 
@@ -55,6 +58,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = RunConfig.from_run_config(context.run_config)
         schema = Schema.load(cfg.schema or _embedded_schema())
+        audit_key, ephemeral = load_private_key(cfg.audit_key)
     except CandorError as err:
         logger.error("%s cannot start the run: %s", PROGRESS, err)
         raise SystemExit(1) from None
@@ -64,7 +68,20 @@ def main(grid: Grid, context: Context) -> None:
                         hidden=cfg.hidden_sizes)
     recorder = RunRecorder(cfg.out_dir or default_out_dir(), cfg=cfg, schema=schema,
                            feature_names=list(encoder.feature_names))
-    strategy = RecordingStrategy(build_strategy(cfg), recorder)
+    audit = AuditLog(recorder.dir, audit_key, ephemeral=ephemeral)
+    initial = ArrayRecord(model.state_dict())
+    audit.start(run_id=str(context.run_id), cfg=cfg, schema=schema, initial=initial)
+    inner = build_strategy(cfg)
+    if cfg.secure_aggregation:  # the server learns only the weighted sum of the updates (server/secagg.py)
+        from .secagg import SecureAggregation
+
+        inner = SecureAggregation.from_config(inner, cfg, log_path=recorder.dir / "secure_aggregation.json")
+        logger.info("%s secure aggregation (SecAgg+): the coordinator sees only the weighted sum of the "
+                    "site updates", PROGRESS)
+    else:  # plain mode: every update is checked before aggregation (server/checks.py)
+        inner = UpdateChecks(inner, max_update_norm=cfg.max_update_norm, on_reject=recorder.rejected)
+    strategy = AuditedStrategy(RecordingStrategy(inner, recorder), audit, recorder,
+                               secure_aggregation=cfg.secure_aggregation)
     shared = ConfigRecord({"schema-sha256": schema.sha256()})
     logger.info("%s run %s: %d rounds, strategy %s, DP %s%s, schema %s", PROGRESS, context.run_id,
                 cfg.num_server_rounds, cfg.strategy, "on" if cfg.dp else "OFF",
@@ -72,11 +89,16 @@ def main(grid: Grid, context: Context) -> None:
                 schema.sha256()[:12])
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
+        initial_arrays=initial,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
         train_config=ConfigRecord(dict(shared)),
         evaluate_config=ConfigRecord(dict(shared)),
         evaluate_fn=lambda r, arrays: recorder.checkpoint(r, arrays),
     )
+    if cfg.explain:
+        from .explanations import explain_federated
+
+        explain_federated(grid, recorder, result.arrays, cfg)
     recorder.finish(result.arrays if len(result.arrays) else None)
+    finalise(recorder, audit)  # exports, model card, the audit log's final entry (server/export.py)

@@ -31,15 +31,15 @@ from typing import Any
 import tomli_w
 
 from common.atomic import write_atomic, write_json_atomic
-from common.config import RunConfig
 from common.errors import CandorError
 from common.processes import APP_DIR, flower_bin, flwr_json, run_status, stop_group, wait_until
 
 from . import superlink
 from .federation import CONNECTION, DEFAULT_PORT, Federation
-from .outputs import PROGRESS
+from .pki import certificate_hosts
 
 INVITE_VERSION = 1
+PROGRESS = "[candor]"  # = server.outputs.PROGRESS, the prefix of the ServerApp's progress lines
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -54,9 +54,16 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _run_config(values: dict[str, Any]):
+    """The validated RunConfig for hyphenated ``values`` over the defaults."""
+    from common.config import RunConfig  # imports torch/opacus: only in the commands that need it
+
+    return RunConfig.from_run_config({**RunConfig().to_run_config(), **values})
+
+
 def _overrides(items: list[str]) -> dict[str, Any]:
     out = dict(_parse_override(t) for t in items)
-    RunConfig.from_run_config({**RunConfig().to_run_config(), **out})  # names the bad key/value
+    _run_config(out)  # names the bad key or value
     return out
 
 
@@ -71,7 +78,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                             schema=Path(args.schema), run_config=_overrides(args.config))
     print(f"Created federation '{fed.name}' in {fed.dir}")
     print(f"  CA certificate   {fed.pki.ca_cert}  (sites get it in their invite)")
-    print(f"  server cert      valid for {', '.join(fed.hosts)}, 127.0.0.1, localhost; sites dial {fed.address}")
+    print(f"  server cert      valid for {', '.join(certificate_hosts(fed.pki.server_cert))}; sites dial {fed.address}")
     print(f"  schema           {fed.schema_path} (sha256 {fed.schema().sha256()[:12]})")
     print(f"  run config       {fed.run_config_path}")
     print("Next: for each institution, `candor-server add-site DIR NAME node.pub` with the public key it sends you,\n"
@@ -121,7 +128,7 @@ def cmd_invite(args: argparse.Namespace) -> int:
         raise CandorError(f"site '{args.site}' is not registered; add it first: "
                           f"`candor-server add-site {fed.dir} {args.site} node.pub`")
     schema = fed.schema()
-    cfg = RunConfig.from_run_config({**RunConfig().to_run_config(), **fed.run_config_defaults()})
+    cfg = _run_config(fed.run_config_defaults())
     doc = {"candor-invite": {
         "version": INVITE_VERSION,
         "federation": fed.name,
@@ -257,7 +264,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         n += 1
         out = fed.runs_dir / f"{stamp}-{n}"
     overrides.update({"schema": str(fed.schema_path), "out-dir": str(out)})
-    cfg = RunConfig.from_run_config({**RunConfig().to_run_config(), **overrides})
+    cfg = _run_config(overrides)
     if cfg.min_sites > len(fed.sites):
         raise CandorError(f"the run needs {cfg.min_sites} sites (min-sites) but only {len(fed.sites)} are "
                           "registered; add sites or lower -c min-sites")
@@ -268,7 +275,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"Submitting a run of {cfg.num_server_rounds} rounds to {len(fed.sites)} registered sites "
           f"(at least {cfg.min_sites} per round); outputs in {out}", flush=True)
     started = time.time()
-    run_id, _ = _submit_and_stream(fed, config_file, out / "flower.log", verbose=args.verbose)
+    run_id = _submit_and_stream(fed, config_file, out / "flower.log", verbose=args.verbose)
     if run_id is None:
         raise CandorError(f"the run was not submitted; see {out / 'flower.log'}")
     status = _final_status(fed, run_id)
@@ -282,7 +289,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _submit_and_stream(fed: Federation, config_file: Path, log_path: Path, *, verbose: bool) -> tuple[int | None, Path]:
+def _submit_and_stream(fed: Federation, config_file: Path, log_path: Path, *, verbose: bool) -> int | None:
+    """`flwr run --stream`: log every line, show progress lines; returns the run id."""
     cmd = [flower_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(config_file)]
     run_id = None
     with open(log_path, "w") as log:
@@ -291,7 +299,7 @@ def _submit_and_stream(fed: Federation, config_file: Path, log_path: Path, *, ve
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
-                log.write(line)
+                log.write(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {line}")
                 log.flush()
                 line = line.rstrip("\n")
                 if run_id is None and (m := re.search(r"Successfully started run (\d+)", line)):
@@ -311,7 +319,7 @@ def _submit_and_stream(fed: Federation, config_file: Path, log_path: Path, *, ve
             raise
         finally:
             stop_group(proc)
-    return run_id, log_path
+    return run_id
 
 
 def _final_status(fed: Federation, run_id: int, timeout: float = 120.0) -> str:

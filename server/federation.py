@@ -35,7 +35,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from common.atomic import write_atomic, write_json_atomic
-from common.config import RunConfig
 from common.errors import CandorError
 from common.schema import Schema
 
@@ -152,6 +151,8 @@ class Federation:
             raise CandorError(f"{directory} holds a federation already; choose another directory")
         if directory.exists() and any(directory.iterdir()):
             raise CandorError(f"{directory} is not empty; `candor-server init` needs a new or empty directory")
+        from common.config import RunConfig  # imports torch/opacus: only where needed
+
         parsed = Schema.load(schema)
         defaults = RunConfig().to_run_config()
         RunConfig.from_run_config({**defaults, **run_config})  # validates the overrides
@@ -234,10 +235,6 @@ class Federation:
                                            "node_id": None if entry.node_id is None else str(entry.node_id)}
         self.save_registry()
         return entry
-
-    def set_node_id(self, name: str, node_id: int | None) -> None:
-        self.sites[name].node_id = node_id
-        self.save_registry()
 
     def site_by_node(self, node_id: int) -> str | None:
         return next((s.name for s in self.sites.values() if s.node_id == node_id), None)

@@ -54,7 +54,8 @@ class RunRecorder:
         })
 
     def _round(self, r: int) -> dict[str, Any]:
-        return self.rounds.setdefault(r, {"round": r, "aggregate": {}, "sites": {}, "train": {}, "refusals": []})
+        return self.rounds.setdefault(r, {"round": r, "aggregate": {}, "sites": {}, "train": {}, "refusals": [],
+                                          "rejected": []})
 
     # --- called by RecordingStrategy ------------------------------------------
     def sampled(self, server_round: int, count: int) -> None:
@@ -98,6 +99,10 @@ class RunRecorder:
         m = dict(next(iter(msg.content.metric_records.values())))
         m["num_examples"] = int(m.pop("num-examples"))
         self._round(server_round)["sites"][site] = m
+
+    def rejected(self, server_round: int, site: str, reason: str) -> None:
+        """An update the checks (server.checks) kept out of the aggregate."""
+        self._round(server_round)["rejected"].append({"site": site, "reason": reason})
 
     def evaluate_aggregate(self, server_round: int, aggregate: MetricRecord | None) -> None:
         self._round(server_round)["aggregate"] = dict(aggregate or {})
@@ -143,7 +148,8 @@ class RunRecorder:
         for r in sorted(self.rounds):
             e = self.rounds[r]
             rounds.append({"round": r, "aggregate": e["aggregate"], "sites": dict(sorted(e["sites"].items())),
-                           "train": dict(sorted(e["train"].items())), "sampled": e.get("sampled"), "refusals": e["refusals"]})
+                           "train": dict(sorted(e["train"].items())), "sampled": e.get("sampled"), "refusals": e["refusals"],
+                           "rejected": e["rejected"]})
         return {"task": self.schema.label.task, "rounds": rounds}
 
     def privacy_doc(self) -> dict[str, Any]:

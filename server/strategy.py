@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from common.config import RunConfig
 
@@ -51,6 +51,12 @@ def build_strategy(cfg: RunConfig) -> Strategy:
         return FedProx(proximal_mu=cfg.proximal_mu, **common)
     if cfg.strategy == "fedadam":
         return FedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, **common)
+    if cfg.strategy == "fedmedian":
+        return FedMedian(**common)
+    if cfg.strategy == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=cfg.trimmed_beta, **common)
+    if cfg.strategy == "krum":
+        return Krum(num_malicious_nodes=cfg.krum_byzantine, **common)
     return FedAvg(**common)
 
 

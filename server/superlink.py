@@ -16,6 +16,7 @@ import logging
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,10 @@ from common.processes import (
 )
 
 from .federation import CONNECTION, Federation
+from .pki import certificate_hosts
 
 logger = logging.getLogger(__name__)
 
-# Flower's SuperExec polls for new tasks every second by default; a shorter poll
-# shortens every round (see benchmarks/deployment_round_time.py).
-SUPEREXEC_POLL_SECONDS = "0.1"
 START_TIMEOUT = 60.0
 STOP_GRACE = 15.0
 
@@ -63,7 +62,7 @@ def log_file(fed: Federation) -> Path:
 
 def env(fed: Federation) -> dict[str, str]:
     """Environment for the SuperLink and the coordinator's `flwr` CLI calls."""
-    return flower_env(fed.flwr_home, FLWR_SUPEREXEC_TASK_POLL_INTERVAL=SUPEREXEC_POLL_SECONDS)
+    return flower_env(fed.flwr_home)
 
 
 def running(fed: Federation) -> Running | None:
@@ -105,6 +104,10 @@ def start(fed: Federation, *, host: str = "127.0.0.1", port: int | None = None) 
         raise CandorError(f"the SuperLink of {fed.dir} is running already (pid {current.pid}, "
                           f"port {current.port}); stop it with `candor-server stop {fed.dir}`")
     fed.pki.check()
+    if host not in ("0.0.0.0", "::", "") and host not in certificate_hosts(fed.pki.server_cert):
+        raise CandorError(f"--host {host}: the server certificate does not name it (it names "
+                          f"{', '.join(certificate_hosts(fed.pki.server_cert))}), so nothing could verify the "
+                          "server there; listen on 0.0.0.0 or one of those, or create the federation with that --host")
     port = port or fed.port
     _check_port_free(host, port)
     log_path = log_file(fed)
@@ -188,7 +191,7 @@ def nodes(fed: Federation) -> list[dict[str, Any]]:
     return flwr_json(["supernode", "list", CONNECTION], env=env(fed))["nodes"]
 
 
-def register(fed: Federation, name: str) -> int:
+def register(fed: Federation, name: str, *, save: bool = True) -> int:
     """Register site ``name``'s key with the running SuperLink; returns its node id."""
     entry = fed.sites[name]
     key_file = fed.dir / "state" / f"{name}.pub"
@@ -204,7 +207,9 @@ def register(fed: Federation, name: str) -> int:
     finally:
         key_file.unlink(missing_ok=True)
     node_id = int(doc["node-id"])
-    fed.set_node_id(name, node_id)
+    entry.node_id = node_id
+    if save:
+        fed.save_registry()
     return node_id
 
 
@@ -216,22 +221,23 @@ ACTIVE = ("registered", "online", "offline")
 
 
 def reconcile(fed: Federation) -> list[str]:
-    """Make the SuperLink's registered nodes equal the registry; returns what changed."""
-    changes = []
+    """Make the SuperLink's registered nodes equal the registry; returns what changed.
+
+    Each `flwr` call is a process start (about 2 s): they run in parallel.
+    """
     listed = {int(n["node-id"]): n["status"] for n in nodes(fed)}
     active = {nid for nid, status in listed.items() if status in ACTIVE}
-    wanted = set()
-    for name, entry in sorted(fed.sites.items()):
-        if entry.node_id is not None and entry.node_id in active:
-            wanted.add(entry.node_id)
-            continue
-        node_id = register(fed, name)
-        wanted.add(node_id)
-        changes.append(f"registered site '{name}' (node {node_id})")
-    for node_id in sorted(active - wanted):
-        unregister(fed, node_id)
-        changes.append(f"unregistered node {node_id} (not in the registry)")
-    return changes
+    missing = [name for name, e in sorted(fed.sites.items()) if e.node_id is None or e.node_id not in active]
+    wanted = {e.node_id for e in fed.sites.values() if e.node_id in active}
+    extra = sorted(active - wanted)
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            registered = list(pool.map(lambda name: register(fed, name, save=False), missing))
+            list(pool.map(lambda node_id: unregister(fed, node_id), extra))
+    finally:
+        fed.save_registry()  # keep every node id obtained, even if another call failed
+    return ([f"registered site '{n}' (node {i})" for n, i in zip(missing, registered)]
+            + [f"unregistered node {i} (not in the registry)" for i in extra])
 
 
 def uptime(state: Running) -> str:

@@ -1,0 +1,134 @@
+"""Secure aggregation at a site: Flower's ``secaggplus_mod`` around Candor's train handler.
+
+With ``secure-aggregation = true`` the server (server/secagg.py) sends every training
+round as the four SecAgg+ stages, all as ``train`` messages carrying a
+``secaggplus_configs`` ConfigRecord. :func:`handle` passes them to Flower's
+``secaggplus_mod`` unchanged; at the "collect masked vectors" stage the mod calls back
+into Candor's ordinary train handler (DP-SGD, ledger append, the reply with the site's
+metrics), and this module turns that Message-API reply into what the mod masks:
+
+- the update is the model delta ``local - global`` in float64 (not the model: deltas are
+  small, so they stay inside the clipping range), in the order of the global model's keys;
+- the weight is the site's ``num-examples``.
+
+The mod quantises ``(n / max_weight) x delta``, adds the pairwise and private masks and
+empties every ArrayRecord; the reply that leaves the site carries only the masked vector,
+the clear metrics (num-examples, ε, δ, σ, q, steps, train-loss, and ``secagg-clipped``,
+the number of coordinates the site had to clip) and the ``candor`` ConfigRecord (site
+name, accountant, mechanism history). A site that refuses to train (budget, schema) answers
+with its refusal; the server treats it as a dropout and removes its masks.
+
+Test-only: with ``CANDOR_SECAGG_TEST_DUMP=DIR`` in a site's environment, the site also
+writes the plaintext update it masked to ``DIR/<site>-round<r>.npz`` on its own disk, so
+that a test can recompute plaintext FedAvg. Never set it in a deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+from common.config import RunConfig
+from common.errors import CandorError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["handle", "is_stage", "plain_training_refused"]
+
+TEST_DUMP_ENV = "CANDOR_SECAGG_TEST_DUMP"
+CLIPPED_KEY = "secagg-clipped"
+KEEP = ("metrics", "candor", RECORD_KEY_CONFIGS)  # everything else is dropped from the reply
+
+TrainHandler = Callable[[Message, Context], Message]
+
+
+class _Refused(Exception):
+    """The train handler answered with an error (e.g. a budget refusal)."""
+
+    def __init__(self, reply: Message) -> None:
+        super().__init__(reply.error.reason)
+        self.reply = reply
+
+
+def is_stage(msg: Message) -> bool:
+    """Whether ``msg`` is a SecAgg+ stage message."""
+    return RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def plain_training_refused(context: Context) -> CandorError | None:
+    """The refusal a site sends when a run with secure aggregation asks for a clear update."""
+    try:
+        secure = RunConfig.from_run_config(context.run_config).secure_aggregation
+    except ConfigError as err:
+        return err
+    if secure:
+        return CandorError("this run has secure-aggregation=true, but the training request is not a SecAgg+ "
+                           "stage: the site does not send its update in the clear")
+    return None
+
+
+def handle(msg: Message, context: Context, *, train: TrainHandler) -> Message:
+    """Answer one SecAgg+ stage; ``train`` is the site's ordinary Message-API train handler."""
+
+    def call_next(inner_msg: Message, ctx: Context) -> Message:
+        reply = train(inner_msg, ctx)
+        if reply.has_error():
+            raise _Refused(reply)
+        return _as_fitres(inner_msg, reply, ctx)
+
+    try:
+        out = secaggplus_mod(msg, context, call_next)
+    except _Refused as refused:
+        return Message(refused.reply.error, reply_to=msg)
+    content = RecordDict({k: out.content[k] for k in KEEP if k in out.content})
+    return Message(content=content, reply_to=msg)
+
+
+def _as_fitres(msg: Message, reply: Message, context: Context) -> Message:
+    """The Message-API reply as the legacy FitRes the mod masks: (delta, num-examples)."""
+    glob, local = msg.content["arrays"], reply.content["arrays"]
+    if list(local.keys()) != list(glob.keys()):
+        raise CandorError("the trained model's arrays do not match the global model's; cannot form the update")
+    delta = [local[k].numpy().astype(np.float64) - glob[k].numpy().astype(np.float64) for k in glob]
+    metrics = reply.content["metrics"]
+    n = int(metrics["num-examples"])
+    clipped = _clipped(delta, n, context)
+    if clipped:
+        logger.warning("secure aggregation: %d coordinates of this site's weighted update exceed the clipping "
+                       "range and are clipped; raise 'secagg-clipping-range' or 'secagg-max-weight'", clipped)
+    _dump_for_tests(reply, msg, delta, n)
+    content = fitres_to_recorddict(
+        FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(delta), num_examples=n, metrics={}),
+        keep_input=False)
+    content["metrics"] = MetricRecord({**dict(metrics), CLIPPED_KEY: clipped})
+    content["candor"] = reply.content["candor"]
+    return Message(content=content, reply_to=msg)
+
+
+def _clipped(delta: list[np.ndarray], n: int, context: Context) -> int:
+    """Coordinates of ``(n / max_weight) x delta`` outside [-c, c] (the mod clips them)."""
+    state = context.state.config_records.get(RECORD_KEY_STATE, ConfigRecord())
+    c, m, q = float(state["clipping_range"]), float(state["max_weight"]), int(state["target_range"])
+    ratio = round(n / m * q) / q
+    return int(sum(np.count_nonzero(np.abs(d * ratio) > c) for d in delta))
+
+
+def _dump_for_tests(reply: Message, msg: Message, delta: list[np.ndarray], n: int) -> None:
+    target = os.environ.get(TEST_DUMP_ENV)
+    if not target:
+        return
+    site = str(reply.content["candor"].get("site", msg.metadata.dst_node_id))
+    r = int(msg.content["config"]["server-round"])
+    Path(target).mkdir(parents=True, exist_ok=True)
+    np.savez(Path(target) / f"{site}-round{r}.npz", num_examples=n, keys=np.array(list(msg.content["arrays"].keys())),
+             **{f"global_{i}": msg.content["arrays"][k].numpy() for i, k in enumerate(msg.content["arrays"])},
+             **{f"delta_{i}": d for i, d in enumerate(delta)})

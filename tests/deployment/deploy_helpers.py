@@ -1,0 +1,137 @@
+"""Helpers of the deployment tests (fixtures are in conftest.py).
+
+One real federation on 127.0.0.1, shared by the deployment tests.
+
+`candor-server init/add-site/invite/start` set up a federation with TLS and node
+authentication; four `candor-client start` processes join it (three ordinary sites and
+one whose lifetime budget is nearly spent); `candor-server run` trains 2 rounds once,
+for every test that inspects a run. Every process runs in its own process group and
+the fixtures stop every group (SIGTERM, then SIGKILL), whatever the tests did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dp_accounting
+
+from common.processes import stop_group, wait_until
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+       "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}  # Flower starts its helpers by name
+SITES = ("h1", "h2", "h3")
+BUDGET_SITE = "h4"  # its lifetime budget admits round 1 but not round 2
+TARGET = 3.0  # the run's target ε per site (the product default)
+BUDGET = 2.8  # h4's lifetime ε: above its round-1 ε (about 2.1), below rounds 1+2 (3.0)
+DELTA = 1e-5
+RUN_CONFIG = ["-c", "model=logreg", "-c", "num-server-rounds=2", "-c", f"target-epsilon={TARGET}",
+              "-c", f"target-delta={DELTA}", "-c", "round-timeout=300", "-c", "min-sites=4", "-c", "explain=false"]
+
+
+def pld_epsilon(mechanisms: list[dict], delta: float) -> float:
+    """ε of (σ, q, steps) mechanisms composed, by dp-accounting's PLD accountant (not our code)."""
+    events = [dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        m["sample_rate"], dp_accounting.GaussianDpEvent(m["noise_multiplier"])), m["steps"]) for m in mechanisms]
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    return accountant.compose(dp_accounting.ComposedDpEvent(events)).get_epsilon(delta)
+
+
+def cli(main, *args: str) -> tuple[int, str, str]:
+    """Run a command's ``main`` in this process; (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def server(*args: str) -> tuple[int, str, str]:
+    from server.cli import main
+
+    return cli(main, *args)
+
+
+def client(*args: str) -> tuple[int, str, str]:
+    from client.cli import main
+
+    return cli(main, *args)
+
+
+class Processes:
+    """Processes started for a test, each leading its own process group, all stopped at the end."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = self.log_dir / f"{name}.log"
+        with open(log, "w") as fh:
+            proc = subprocess.Popen([str(a) for a in args], stdout=fh, stderr=subprocess.STDOUT, env=ENV,
+                                    start_new_session=True)
+        self.procs.append((proc, log))
+        return proc
+
+    def output(self, proc: subprocess.Popen) -> str:
+        log = next(path for p, path in self.procs if p is proc)
+        return log.read_text(errors="replace")
+
+    def wait_for(self, proc: subprocess.Popen, text: str, *, timeout: float) -> None:
+        def seen() -> bool:
+            if text in self.output(proc):
+                return True
+            if proc.poll() is not None:
+                raise AssertionError(f"process exited ({proc.returncode}) before printing {text!r}:\n"
+                                     + self.output(proc)[-3000:])
+            return False
+
+        wait_until(seen, timeout=timeout, what=repr(text), interval=0.2)
+
+    def stop_all(self) -> None:
+        for proc, _ in self.procs:
+            stop_group(proc, grace=10)
+
+
+@dataclass
+class Deployment:
+    root: Path
+    fed: Path
+    port: int
+    sites: dict[str, Path] = field(default_factory=dict)  # site name -> site dir
+    data: dict[str, Path] = field(default_factory=dict)  # site name -> CSV
+    clients: dict[str, subprocess.Popen] = field(default_factory=dict)
+    procs: Processes | None = None
+
+    def start_client(self, name: str, *extra: str) -> subprocess.Popen:
+        invite = self.fed / "invites" / f"{name}.toml"
+        proc = self.procs.start(f"client-{name}", [BIN / "candor-client", "start", self.sites[name],
+                                                   "--invite", invite, "--data", self.data[name], *extra])
+        self.clients[name] = proc
+        return proc
+
+
+def make_site(dep: Deployment, name: str) -> Path:
+    """`candor-client init`, then the coordinator's `add-site` and `invite`."""
+    site_dir = dep.root / "sites" / name
+    code, out, err = client("init", site_dir, "--site-name", name)
+    assert code == 0, err
+    code, out, err = server("add-site", dep.fed, name, site_dir / "keys" / "node.pub")
+    assert code == 0, err
+    code, out, err = server("invite", dep.fed, name)
+    assert code == 0, err
+    return site_dir
+
+
+def copy_site(dep: Deployment, name: str, new: str) -> Path:
+    """A copy of a site directory (same key, same invite): for tests that break one thing."""
+    target = dep.root / "variants" / new
+    shutil.copytree(dep.sites[name], target, ignore=shutil.ignore_patterns("flwr", "logs", "ledger.json*"))
+    return target
