@@ -418,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="the server, the connected sites and the runs")
     p.add_argument("dir")
     p.set_defaults(func=cmd_status)
+
+    from . import trust_cmds  # `audit verify` and `publish` (server/audit.py, server/export.py)
+
+    trust_cmds.register(sub)
     return parser
 
 
