@@ -6,8 +6,8 @@ on with the default target ε, explanation off):
 - ``simulated``: ``simulations.engine.run`` (Flower's simulation engine; warm Ray
   workers: the ClientApp's imports are paid once);
 - ``deployed/flower-defaults``: `candor-server` + 3 `candor-client` processes with
-  Flower's defaults where Candor changes them (SuperExec task poll 1 s);
-- ``deployed/candor``: the same with Candor's settings (SuperExec poll 0.1 s);
+  Flower's defaults where Candor changes them (SuperExec task poll 1 s at the sites);
+- ``deployed/candor``: the same with Candor's settings (sites' SuperExec poll 0.2 s);
 - ``deployed/fast-polls``: Candor's settings plus Flower's two fixed 3 s polls cut to
   0.2 s by a measurement-only patch (no Flower setting exists for them): what they cost.
 
@@ -19,8 +19,8 @@ process (start -> reply sent: Python start-up, imports, data loading, training,
 accounting), and the rest (waiting for the slowest site plus Flower's fixed 3 s polls
 in the SuperNode and in the ServerApp's grid). Prints the ratio deployed/simulated.
 
-    .venv/bin/python benchmarks/deployment_round_time.py               # 3 rounds, ~6-10 min
-    .venv/bin/python benchmarks/deployment_round_time.py --rounds 4 --only candor
+    .venv/bin/python benchmarks/deployment_round_time.py               # 3 rounds, ~8 min quiet
+    .venv/bin/python benchmarks/deployment_round_time.py --only flower-defaults --only candor --repeat 3
 """
 
 from __future__ import annotations
@@ -98,12 +98,16 @@ def quiet(main, args: list[str]) -> None:
         raise SystemExit(f"{' '.join(args[:2])} failed:\n{out.getvalue()}")
 
 
-def deployed(root: Path, data: dict[str, Path], rounds: int, *, poll: str,
+def deployed(root: Path, data: dict[str, Path], rounds: int, *, poll: str | None,
              fast_polls: bool = False) -> tuple[list[float], dict[str, float]]:
+    """``poll``: FLWR_SUPEREXEC_TASK_POLL_INTERVAL for every Flower process; None = Candor's defaults."""
     from client.cli import main as client_main
     from server.cli import main as server_main
 
-    settings = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll, "CANDOR_BENCH_FAST_POLL": ""}
+    os.environ.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)
+    settings = {"CANDOR_BENCH_FAST_POLL": ""}
+    if poll is not None:
+        settings["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = poll
     if fast_polls:
         (root / "fastpoll").mkdir()
         (root / "fastpoll" / "sitecustomize.py").write_text(FAST_POLL_SITECUSTOMIZE)
@@ -176,6 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=VARIANTS, action="append")
+    parser.add_argument("--repeat", type=int, default=1, help="alternate the deployed variants this many times")
     args = parser.parse_args()
     variants = args.only or list(VARIANTS)
     root = Path(tempfile.mkdtemp(prefix="candor-bench-"))
@@ -187,29 +192,30 @@ def main() -> None:
     print(f"3 sites x ~{len(parts[0])} rows, logreg, DP on, {args.rounds} rounds; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start; work dir {root}", flush=True)
     results: dict[str, list[float]] = {}
-    for variant in variants:
+    order = [v for v in variants if v == "simulated"] + [v for v in variants if v != "simulated"] * args.repeat
+    for i, variant in enumerate(order):
         started = time.monotonic()
-        work = root / variant
+        work = root / f"{variant}-{i}"
         work.mkdir()
         if variant == "simulated":
-            results[variant], breakdown = simulated(work, data, args.rounds), {}
+            times, breakdown = simulated(work, data, args.rounds), {}
         else:
-            results[variant], breakdown = deployed(work, data, args.rounds,
-                                                   poll="1.0" if variant == "flower-defaults" else "0.1",
-                                                   fast_polls=variant == "fast-polls")
-        times = results[variant]
-        print(f"{variant:<18} rounds {', '.join(f'{t:.1f}' for t in times)} s; "
-              f"median of rounds 2..{args.rounds}: {statistics.median(times[1:] or times):.1f} s "
+            times, breakdown = deployed(work, data, args.rounds, fast_polls=variant == "fast-polls",
+                                        poll="1.0" if variant == "flower-defaults" else None)
+        results.setdefault(variant, []).extend(times[1:] or times)  # steady-state rounds
+        print(f"{variant:<18} rounds {', '.join(f'{t:.1f}' for t in times)} s "
               f"(whole variant {time.monotonic() - started:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)
         if breakdown:
             print("    per message (median): " + ", ".join(f"{k} {v:.1f} s" for k, v in breakdown.items()),
                   flush=True)
+    for variant, times in results.items():
+        print(f"{variant:<18} median steady-state round (rounds 2..{args.rounds}, all repeats): "
+              f"{statistics.median(times):.1f} s")
     if "simulated" in results:
-        base = statistics.median(results["simulated"][1:] or results["simulated"])
+        base = statistics.median(results["simulated"])
         for variant, times in results.items():
             if variant != "simulated":
-                print(f"ratio {variant}/simulated (median steady-state round): "
-                      f"{statistics.median(times[1:] or times) / base:.1f}x")
+                print(f"ratio {variant}/simulated (median steady-state round): {statistics.median(times) / base:.1f}x")
 
 
 if __name__ == "__main__":

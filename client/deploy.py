@@ -51,6 +51,12 @@ ACCOUNTANTS = ("prv", "rdp")  # = common.privacy.ACCOUNTANTS
 __all__ = ["register"]
 
 INVITE_VERSION = 1
+# Flower's SuperExec polls the SuperNode for a ClientApp process to start every 1 s by
+# default: on average 0.5 s of every message. 0.2 s saves ~0.4 s per message for ~2.7 %
+# of a core while idle (1 s: 0.6 %, 0.1 s: 4.2 %; measured here). The server keeps
+# Flower's default: its SuperExec starts one ServerApp per run. An explicit
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL in the environment wins.
+SUPEREXEC_POLL_SECONDS = "0.2"
 CONNECT_TIMEOUT = 10.0
 
 
@@ -331,6 +337,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     ]
     site.log_path.parent.mkdir(parents=True, exist_ok=True)
     env = flower_env(site.dir / "flwr")
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_SECONDS)
     return _supervise(cmd, env, site, name, verbose=args.verbose)
 
 

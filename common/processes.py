@@ -51,19 +51,12 @@ def flower_bin(name: str) -> str:
     return str(here) if here.exists() else (shutil.which(name) or name)
 
 
-# Flower's SuperExec polls for new tasks (a ServerApp or ClientApp process to start)
-# every second by default; 0.1 s takes up to ~0.9 s off every message at negligible CPU.
-# An explicit FLWR_SUPEREXEC_TASK_POLL_INTERVAL in the environment wins.
-SUPEREXEC_POLL_SECONDS = "0.1"
-
-
 def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     """Environment for Flower processes: ``FLWR_HOME``, no per-run dependency installs,
-    no telemetry, one intra-op thread, a short SuperExec poll, this environment's
+    no telemetry, one intra-op thread, this environment's
     executables first on PATH (Flower starts ``flower-superexec`` and the app processes
     by name) and the app on PYTHONPATH."""
     return {
-        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_SECONDS,
         **os.environ,
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",

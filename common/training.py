@@ -2,10 +2,12 @@
 and benchmarks. No Flower import.
 
 Tabular fast path: a site's split is two tensors, and every batch is one indexing of
-them (``BatchDataset.__getitems__`` plus an identity collate), not B ``__getitem__``
-calls plus a collate. Private training hands that loader to Opacus, whose
-``DPDataLoader`` replaces it with Poisson sampling (each row included independently
-with probability q), which is what the accountant assumes.
+them, never B ``__getitem__`` calls plus a collate. Non-private training needs no
+DataLoader at all (:class:`ShuffledBatches`: one seeded permutation per pass, cut into
+contiguous slices). Private training hands a DataLoader over :class:`BatchDataset`
+(``__getitems__`` plus an identity collate) to Opacus, whose ``DPDataLoader`` replaces
+its sampler with Poisson sampling (each row included independently with probability
+q), which is what the accountant assumes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from .errors import ConfigError
 
@@ -56,6 +58,28 @@ class BatchDataset(Dataset):
 
 def _identity(batch):
     return batch
+
+
+class ShuffledBatches:
+    """Non-private batches: each pass over it draws one permutation of the rows from
+    ``generator`` and yields it in contiguous slices of exactly ``batch_size`` rows (the
+    last slice of a pass may be shorter).
+
+    The batches are those of ``BatchSampler(RandomSampler(..., generator=generator),
+    batch_size, drop_last=False)`` over the same generator on a first pass (both take
+    ``torch.randperm(n, generator=generator)``), without a DataLoader's per-batch costs.
+    """
+
+    def __init__(self, split: TensorSplit, batch_size: int, generator: torch.Generator) -> None:
+        self.x, self.y = split.x, split.y
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def __iter__(self):
+        order = torch.randperm(len(self.y), generator=self.generator)
+        for start in range(0, len(order), self.batch_size):
+            index = order[start:start + self.batch_size]
+            yield self.x[index], self.y[index]
 
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
@@ -157,16 +181,15 @@ def train(
         optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
     else:
         optimizer = torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.momentum)
-    dataset = BatchDataset(data)
     if settings.noise_multiplier is None:
-        sampler = BatchSampler(RandomSampler(dataset, generator=generator), settings.batch_size, drop_last=False)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_identity)
+        loader = ShuffledBatches(data, settings.batch_size, generator)
         train_model = model
     else:
         from opacus import PrivacyEngine  # imported lazily: it reconfigures logging
 
         # Opacus' DPDataLoader keeps this loader's generator for its Poisson sampler.
-        loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=_identity, generator=generator)
+        loader = DataLoader(BatchDataset(data), batch_size=settings.batch_size, collate_fn=_identity,
+                            generator=generator)
         ghost = settings.grad_sample_mode == "ghost"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # secure_mode advisory, see docs/privacy.md
