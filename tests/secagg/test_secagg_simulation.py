@@ -1,4 +1,4 @@
-"""A real `candor-sim` run with secure aggregation: 3 sites, 2 rounds, DP on.
+"""A real `candor-sim` run with secure aggregation: 3 sites, 2 rounds, DP on (target ε 3).
 
 The sites write the plaintext updates they mask to a test-only directory
 (``CANDOR_SECAGG_TEST_DUMP``, on their own disk); the test recomputes plaintext FedAvg from
@@ -33,7 +33,8 @@ def run(tmp_path_factory):
     out, dump = base / "run", base / "site-updates"
     proc = subprocess.run(
         [CANDOR_SIM, "run", "--num-sites", "3", "--out", str(out), "-c", "num-server-rounds=2",
-         "-c", "secure-aggregation=true", "-c", f"target-epsilon={TARGET}"],
+         "-c", "secure-aggregation=true", "-c", f"target-epsilon={TARGET}",
+         "-c", "explain=false"],  # the explanation release does not touch aggregation; it saves ~10 s
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1", TEST_DUMP_ENV: str(dump)},
     )
@@ -58,8 +59,7 @@ def test_completes_with_dp_and_writes_epsilon_per_site(run):
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["dp"] is True and set(privacy["sites"]) == SITES
     for p in privacy["sites"].values():
-        training = [h for h in p["history"] if h["round"] in (1, 2)]
-        assert [h["round"] for h in training] == [1, 2]
+        assert [h["round"] for h in p["history"]] == [1, 2]
         assert 0 < p["epsilon"] <= TARGET + 1e-6
         assert p["epsilon"] == pytest.approx(p["epsilon_reported"], rel=1e-6)
     metrics = json.loads((out / "metrics.json").read_text())
