@@ -82,6 +82,8 @@ def main(grid: Grid, context: Context) -> None:
         inner = UpdateChecks(inner, max_update_norm=cfg.max_update_norm, on_reject=recorder.rejected)
     strategy = AuditedStrategy(RecordingStrategy(inner, recorder), audit, recorder,
                                secure_aggregation=cfg.secure_aggregation)
+    if cfg.secure_aggregation:
+        inner.on_aggregate = strategy.on_aggregate  # the signed log pins each round's secure aggregate
     shared = ConfigRecord({"schema-sha256": schema.sha256()})
     logger.info("%s run %s: %d rounds, strategy %s, DP %s%s, schema %s", PROGRESS, context.run_id,
                 cfg.num_server_rounds, cfg.strategy, "on" if cfg.dp else "OFF",

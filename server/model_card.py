@@ -13,6 +13,8 @@ deployments, where a site has not agreed to it.
 
 from __future__ import annotations
 
+import json
+
 import logging
 from pathlib import Path
 from typing import Any
@@ -199,6 +201,7 @@ def render_markdown(card: dict[str, Any]) -> str:
               "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
               *(f"| {name} | " + " | ".join(_fmt(v.get(k)) for k in keys) + " |"
                 for name, v in [("**overall**", e["overall"]), *sorted(e["sites"].items())]), "",
+              *_explanations(card),
               "## How to load", "",
               "`model.safetensors` + `model_schema.json` with plain PyTorch, or `model.onnx` with any ONNX "
               "runtime; `model.pt` with Candor. Example: docs/trust.md.", "",
@@ -213,9 +216,21 @@ def render_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _explanations(card: dict[str, Any]) -> list[str]:
+    """The "Explanations" section, when the run released feature importances."""
+    if not card.get("explanations"):
+        return []
+    from .explanations import card_section
+
+    return [card_section(card["explanations"]), ""]
+
+
 def write_model_card(recorder: RunRecorder, log: AuditLog) -> list[str]:
     """Write both card files into the run directory; returns their names."""
     card = card_doc(recorder, log)
+    explanations = Path(recorder.dir) / "explanations.json"
+    if explanations.exists():
+        card["explanations"] = json.loads(explanations.read_text())
     write_json_atomic(Path(recorder.dir) / CARD_JSON, card)
     write_atomic(Path(recorder.dir) / CARD_MD, render_markdown(card))
     return [CARD_MD, CARD_JSON]

@@ -34,7 +34,7 @@ def run(tmp_path_factory):
     proc = subprocess.run(
         [CANDOR_SIM, "run", "--num-sites", "3", "--out", str(out), "-c", "num-server-rounds=2",
          "-c", "secure-aggregation=true", "-c", f"target-epsilon={TARGET}",
-         "-c", "explain=false"],  # the explanation release does not touch aggregation; it saves ~10 s
+         "-c", "explain=false"],  # the explanation phase does not involve aggregation
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1", TEST_DUMP_ENV: str(dump)},
     )
@@ -90,3 +90,19 @@ def test_coordinator_result_is_plaintext_fedavg_of_the_sites_updates(run):
         assert max(float(np.abs(fedavg[k] - glob[k]).max()) for k in glob) > 100 * tol  # the round moved the model
     # the audit hook's hash of the last aggregate is the saved model's
     assert record[-1]["aggregate_sha256"] == arrays_sha256(ArrayRecord(final))
+
+
+def test_audit_log_pins_each_secure_aggregate_and_no_update(run):
+    out, _, _ = run
+    log = out / "audit.jsonl"
+    if not log.exists():
+        pytest.skip("this build writes no audit log")
+    rounds = [e["body"] for e in map(json.loads, log.read_text().splitlines()) if e["kind"] == "round"]
+    record = json.loads((out / "secure_aggregation.json").read_text())["rounds"]
+    assert [b["round"] for b in rounds] == [1, 2]
+    for body, secure in zip(rounds, record):
+        assert body["secure_aggregation"] is True
+        assert body["aggregate_sha256"] is not None  # SecureAggregation.on_aggregate reached the log
+        assert body["aggregate_sha256"] == body["global_model_sha256"]  # FedAvg adopts the secure mean as is
+        assert all("sha256" not in u for u in body["updates"])  # no per-site update hash: none was seen
+        assert {u["site"] for u in body["updates"]} == set(secure["summed_sites"]) == SITES

@@ -82,3 +82,10 @@ def test_a_deployment_card_publishes_no_row_counts(tmp_path):
     text = json.dumps(card) + render_markdown(card)
     assert "1234" not in text and "321" not in text
     assert "WITHOUT differential privacy" in text
+
+
+def test_card_states_the_explanation_release(sim_run):
+    md = (sim_run / "MODEL_CARD.md").read_text()
+    card = json.loads((sim_run / "model_card.json").read_text())
+    assert "## Explanations" in md
+    assert card["explanations"]["release"]["kind"] == "dp"
