@@ -8,6 +8,7 @@ This is the only module that knows the hyphenated ``run_config`` keys of
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -214,3 +215,16 @@ def _positive_int(cfg: RunConfig, name: str) -> None:
 def _choice(cfg: RunConfig, name: str, choices: tuple[str, ...]) -> None:
     if getattr(cfg, name) not in choices:
         _fail(name, f"one of {', '.join(choices)}", getattr(cfg, name))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """A command-line ``-c KEY=VALUE`` with a TOML-typed value; a bare word is a string,
+    as ``flwr run -c`` reads it."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"-c expects KEY=VALUE (e.g. -c num-server-rounds=5); got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value

@@ -24,7 +24,6 @@ import re
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +41,6 @@ INVITE_VERSION = 1
 PROGRESS = "[candor]"  # = server.outputs.PROGRESS, the prefix of the ServerApp's progress lines
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with a TOML-typed value (a bare word is a string, as in `flwr run -c`)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise CandorError(f"-c expects KEY=VALUE (e.g. -c num-server-rounds=5); got {text!r}")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip(), value
-
-
 def _run_config(values: dict[str, Any]):
     """The validated RunConfig for hyphenated ``values`` over the defaults."""
     from common.config import RunConfig  # imports torch/opacus: only in the commands that need it
@@ -62,7 +49,9 @@ def _run_config(values: dict[str, Any]):
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
-    out = dict(_parse_override(t) for t in items)
+    from common.config import parse_override
+
+    out = dict(parse_override(t) for t in items)
     _run_config(out)  # names the bad key or value
     return out
 

@@ -12,31 +12,19 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
+from common.config import RunConfig, parse_override
 from common.errors import CandorError, DataValidationError
 
 PROGRESS = "[candor]"
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise CandorError(f"-c expects KEY=VALUE (e.g. -c num-server-rounds=5); got {text!r}")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare word is a string, as `flwr run -c` reads it
-    return key.strip(), value
-
-
 def _config(overrides: list[str], **fixed: Any) -> RunConfig:
     values = RunConfig().to_run_config()
     for text in overrides:
-        key, value = _parse_override(text)
+        key, value = parse_override(text)
         values[key] = value
     values.update({k.replace("_", "-"): v for k, v in fixed.items() if v is not None})
     return RunConfig.from_run_config(values)
@@ -75,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     manifest = write_manifest(sites, out)
     overrides = {k: v for k, v in cfg.to_run_config().items() if v != getattr(RunConfig(), k.replace("-", "_"))}
     overrides.update({"sim-manifest": str(manifest), "schema": str(schema_path), "out-dir": str(out)})
-    if "min-sites" not in {_parse_override(c)[0] for c in args.config}:
+    if "min-sites" not in {parse_override(c)[0] for c in args.config}:
         overrides["min-sites"] = len(sites)
     print(f"Candor simulation: {len(sites)} sites ({', '.join(s.name for s in sites)}), "
           f"{cfg.num_server_rounds} rounds, " + (
