@@ -16,9 +16,9 @@ Every figure comes from the ``candor-sim`` command, i.e. the real Flower simulat
 (``candor-sim run``) or the pooled baseline (``candor-sim pooled``), with the data in a
 temporary directory outside the repository:
 
-    .venv/bin/python benchmarks/heart_disease.py            # 3 seeds, ~10 min
-    .venv/bin/python benchmarks/heart_disease.py --quick    # 1 seed, 3 modes, ~2 min
-    .venv/bin/python benchmarks/heart_disease.py --search   # the recipe search, ~20 min
+    .venv/bin/python benchmarks/heart_disease.py            # 3 seeds, 15 runs, ~20 min
+    .venv/bin/python benchmarks/heart_disease.py --quick    # 1 seed, 3 runs, ~3 min
+    .venv/bin/python benchmarks/heart_disease.py --search   # the recipe search, 24 runs
 """
 
 from __future__ import annotations
@@ -183,9 +183,11 @@ def run_candor(mode: Mode, *, sites: list[str], recipe: dict, seed: int, out: Pa
     if code != 0:
         tail = log.read_text().splitlines()[-25:]
         fail(f"candor-sim {mode.command} ({mode.label}, seed {seed}) exited with {code}:\n" + "\n".join(tail))
+    names = {site.partition("=")[0] for site in sites}
     if mode.command == "pooled":
         result = json.loads((out / "pooled.json").read_text())
-        return Outcome({s: m["accuracy"] for s, m in result["sites"].items()}, {}, {}, "", seconds)
+        return Outcome(_every_site({s: m["accuracy"] for s, m in result["sites"].items()}, names, out),
+                       {}, {}, "", seconds)
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     refusals = [f"round {r['round']}: {x['reason']}" for r in rounds for x in r.get("refusals", [])]
     if refusals:  # a refused round trains nothing; the figures would not be the recipe's
@@ -194,12 +196,18 @@ def run_candor(mode: Mode, *, sites: list[str], recipe: dict, seed: int, out: Pa
     last = rounds[-1]
     privacy = json.loads((out / "privacy.json").read_text())["sites"]
     return Outcome(
-        accuracy={s: m["accuracy"] for s, m in last["sites"].items()},
+        accuracy=_every_site({s: m["accuracy"] for s, m in last["sites"].items()}, names, out),
         epsilon={s: p["epsilon"] for s, p in privacy.items()},
         delta={s: p["delta"] for s, p in privacy.items()},
         accountant=next(iter(privacy.values()))["accountant"].upper() if privacy else "",
         seconds=seconds,
     )
+
+
+def _every_site(accuracy: dict[str, float], names: set[str], out: Path) -> dict[str, float]:
+    if set(accuracy) != names:  # a mean over fewer centers is not the benchmark's metric
+        fail(f"{out}: final accuracies for {sorted(accuracy)}, expected every center {sorted(names)}")
+    return accuracy
 
 
 def run_all(mode_list: list[Mode], *, sites: list[str], recipe: dict, seeds: list[int], out: Path,
@@ -221,8 +229,10 @@ def run_all(mode_list: list[Mode], *, sites: list[str], recipe: dict, seeds: lis
 
 
 def mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.fmean(values):.3f} ± {sd:.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    """Mean ± sample sd over seeds (the mean alone for one seed)."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def epsilon_text(outcomes: list[Outcome], site_names: list[str]) -> str:
