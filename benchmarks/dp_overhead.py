@@ -19,7 +19,7 @@ that many, from the same initial weights, on one thread (``torch.set_num_threads
 The timed region of a ``train`` variant is the whole call (loader and, for DP, the
 Opacus wrapping), as a site pays it once per round.
 
-    .venv/bin/python benchmarks/dp_overhead.py             # 12 cases, ~15 min
+    .venv/bin/python benchmarks/dp_overhead.py             # 12 cases, ~8 min CPU
     .venv/bin/python benchmarks/dp_overhead.py --quick     # 10k rows only, 3 repetitions
 """
 

@@ -16,8 +16,8 @@ Every figure comes from the ``candor-sim`` command, i.e. the real Flower simulat
 (``candor-sim run``) or the pooled baseline (``candor-sim pooled``), with the data in a
 temporary directory outside the repository:
 
-    .venv/bin/python benchmarks/heart_disease.py            # 3 seeds, 15 runs, ~20 min
-    .venv/bin/python benchmarks/heart_disease.py --quick    # 1 seed, 3 runs, ~3 min
+    .venv/bin/python benchmarks/heart_disease.py            # 3 seeds, 15 runs, ~12 min
+    .venv/bin/python benchmarks/heart_disease.py --quick    # 1 seed, 3 runs, ~1.5 min
     .venv/bin/python benchmarks/heart_disease.py --search   # the recipe search, 24 runs
 """
 

@@ -130,6 +130,13 @@ def _train(site: _Site, msg: Message) -> Message:
                 reserved = ([release_mechanism(round=cfg.num_server_rounds + 1,
                                                noise_multiplier=cfg.explain_noise_multiplier)]
                             if cfg.explain and not spec.explain_opt_out else [])
+                if reserved and epsilon(reserved, delta=delta, accountant=cfg.accountant) >= cfg.target_epsilon:
+                    # The release alone would exceed the target: train with the whole target;
+                    # the explanation is then refused by its own budget check, not training.
+                    logger.warning("site '%s': the explanation release alone exceeds target ε %s; "
+                                   "training uses the whole target and the release will be refused",
+                                   spec.name, cfg.target_epsilon)
+                    reserved = []
                 sigma = calibrate_noise_multiplier(
                     target_epsilon=cfg.target_epsilon, delta=delta, sample_rate=q,
                     steps=steps * cfg.num_server_rounds, prior=reserved, accountant=cfg.accountant)
