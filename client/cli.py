@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from common.errors import CandorError
+from common.errors import run_command
 
 COMMAND_MODULES = ("client.check", "client.deploy", "client.explain_cmds", "client.audit_cmds")
 
@@ -25,14 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except CandorError as err:
-        print(f"candor-client: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command("candor-client", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -73,3 +73,17 @@ class DataValidationError(CandorError):
 
 class BudgetExceeded(CandorError):
     """Training a round would take a site past its privacy budget."""
+
+
+def run_command(prog: str, args) -> int:
+    """Run a parsed command's ``args.func(args)``: a CandorError (a user's mistake) is one
+    line on stderr and exit code 1, never a traceback; Ctrl-C is 130."""
+    import sys
+
+    try:
+        return int(args.func(args) or 0)
+    except CandorError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

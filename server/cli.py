@@ -30,7 +30,7 @@ from typing import Any
 import tomli_w
 
 from common.atomic import write_atomic, write_json_atomic
-from common.errors import CandorError
+from common.errors import CandorError, run_command
 from common.processes import APP_DIR, flower_bin, flwr_json, run_status, stop_group, wait_until
 
 from . import superlink
@@ -415,14 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except CandorError as err:
-        print(f"candor-server: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command("candor-server", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
