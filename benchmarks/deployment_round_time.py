@@ -41,8 +41,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.processes import free_port, stop_group, wait_until  # noqa: E402
-from simulations.embedded import BREAST_CANCER_SCHEMA_PATH, breast_cancer_frame, partition  # noqa: E402
+from candor.common.processes import free_port, stop_group, wait_until  # noqa: E402
+from candor.common.demo import DEMO_SCHEMA_PATH, breast_cancer_frame  # noqa: E402
+from candor.common.partition import partition  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SITES = ("h1", "h2", "h3")
@@ -66,13 +67,13 @@ def round_times(stamps: list[tuple[float, str]], rounds: int) -> list[float]:
 
 
 def simulated(root: Path, data: dict[str, Path], rounds: int) -> list[float]:
-    from simulations import engine
-    from simulations.sites import SimSite, write_manifest
+    from candor.simulations import engine
+    from candor.simulations.sites import SimSite, write_manifest
 
     out = root
     manifest = write_manifest([SimSite(name=n, data=p) for n, p in data.items()], out)
     stamps: list[tuple[float, str]] = []
-    overrides = {**run_config(rounds), "schema": str(BREAST_CANCER_SCHEMA_PATH), "out-dir": str(out),
+    overrides = {**run_config(rounds), "schema": str(DEMO_SCHEMA_PATH), "out-dir": str(out),
                  "sim-manifest": str(manifest)}
     engine.run(overrides, num_sites=len(SITES), log_path=out / "flower.log",
                on_line=lambda line: stamps.append((time.monotonic(), line)))
@@ -101,8 +102,8 @@ def quiet(main, args: list[str]) -> None:
 def deployed(root: Path, data: dict[str, Path], rounds: int, *, poll: str | None,
              fast_polls: bool = False) -> tuple[list[float], dict[str, float]]:
     """``poll``: FLWR_SUPEREXEC_TASK_POLL_INTERVAL for every Flower process; None = Candor's defaults."""
-    from client.cli import main as client_main
-    from server.cli import main as server_main
+    from candor.client.cli import main as client_main
+    from candor.server.cli import main as server_main
 
     os.environ.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)
     settings = {"CANDOR_BENCH_FAST_POLL": ""}
@@ -117,7 +118,7 @@ def deployed(root: Path, data: dict[str, Path], rounds: int, *, poll: str | None
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     fed = root / "federation"
     quiet(server_main, ["init", str(fed), "--name", "bench", "--port", str(free_port()),
-                        "--schema", str(BREAST_CANCER_SCHEMA_PATH)])
+                        "--schema", str(DEMO_SCHEMA_PATH)])
     for name in SITES:
         quiet(client_main, ["init", str(root / name), "--site-name", name])
         quiet(server_main, ["add-site", str(fed), name, str(root / name / "keys" / "node.pub")])

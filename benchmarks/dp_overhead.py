@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common.models import build_model  # noqa: E402
-from common.training import LocalTraining, TensorSplit, loss_function, steps_for_epochs, train  # noqa: E402
+from candor.common.models import build_model  # noqa: E402
+from candor.common.training import LocalTraining, TensorSplit, loss_function, steps_for_epochs, train  # noqa: E402
 
 NUM_FEATURES = 30
 LEARNING_RATE = 0.05

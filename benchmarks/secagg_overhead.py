@@ -39,10 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.encoding import Encoder  # noqa: E402
-from common.models import build_model  # noqa: E402
-from common.schema import Schema  # noqa: E402
-from simulations.embedded import BREAST_CANCER_SCHEMA_PATH, breast_cancer_frame  # noqa: E402
+from candor.common.encoding import Encoder  # noqa: E402
+from candor.common.models import build_model  # noqa: E402
+from candor.common.schema import Schema  # noqa: E402
+from candor.common.demo import DEMO_SCHEMA_PATH, breast_cancer_frame  # noqa: E402
 
 CANDOR_SIM = str(Path(sys.executable).parent / "candor-sim")
 MODELS = {"default": "64,32", "1M": "1024,1024"}
@@ -63,7 +63,7 @@ def site_files(sites: int, workdir: Path) -> list[str]:
 
 
 def num_parameters(hidden: str) -> int:
-    schema = Schema.load(BREAST_CANCER_SCHEMA_PATH)
+    schema = Schema.load(DEMO_SCHEMA_PATH)
     model = build_model("mlp", num_features=Encoder(schema).num_features, num_outputs=schema.num_outputs,
                         hidden=tuple(int(h) for h in hidden.split(",")))
     return sum(p.numel() for p in model.parameters())
@@ -73,7 +73,7 @@ def simulate(*, sites: int, hidden: str, rounds: int, shares: float | None, work
     """One candor-sim run (``shares`` None = plain FedAvg, else SecAgg+ with that
     ``secagg-num-shares``); per-round wall times from the run directory's checkpoints."""
     out = workdir / f"{sites}-{hidden.replace(',', 'x')}-{shares}"
-    cmd = [CANDOR_SIM, "run", "--schema", str(BREAST_CANCER_SCHEMA_PATH), *site_files(sites, workdir),
+    cmd = [CANDOR_SIM, "run", "--schema", str(DEMO_SCHEMA_PATH), *site_files(sites, workdir),
            "--out", str(out), "-c", f"num-server-rounds={rounds}",
            "-c", "dp=false", "-c", "explain=false", "-c", f"hidden={hidden}"]
     if shares is not None:

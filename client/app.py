@@ -19,14 +19,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.config import RunConfig
-from common.data import SiteData, load_plugin_site, load_site, stable_seed
-from common.errors import BudgetExceeded, CandorError
-from common.explain import release_mechanism
-from common.models import build_model
-from common.privacy import PRIVACY_UNIT, MechanismRecord, calibrate_noise_multiplier, default_delta, epsilon
-from common.schema import Schema
-from common.training import LocalTraining, evaluate, sample_rate, steps_for_epochs, train
+from candor.common.config import RunConfig
+from candor.common.data import SiteData, load_plugin_site, load_site, stable_seed
+from candor.common.errors import BudgetExceeded, CandorError
+from candor.common.explain import release_mechanism
+from candor.common.models import build_model
+from candor.common.privacy import PRIVACY_UNIT, MechanismRecord, calibrate_noise_multiplier, default_delta, epsilon
+from candor.common.schema import Schema
+from candor.common.training import LocalTraining, evaluate, sample_rate, steps_for_epochs, train
 
 from . import secagg
 from .ledger import Ledger, new_entry
@@ -104,7 +104,7 @@ def _train(site: _Site, msg: Message) -> Message:
     q = sample_rate(n, cfg.batch_size)
     steps = steps_for_epochs(n, cfg.batch_size, cfg.local_epochs)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    seed = stable_seed(cfg.seed, spec.name, site.round) if spec.reproducible_noise else secrets.randbits(63)
+    seed = stable_seed(cfg.seed, spec.name, site.round) if spec.public_seed else secrets.randbits(63)
     generator = torch.Generator().manual_seed(seed)
     settings = LocalTraining(steps=steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                              optimizer=cfg.optimizer, momentum=cfg.momentum, proximal_mu=mu,
@@ -203,4 +203,4 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": metrics, "candor": site.identity()}), reply_to=msg)
 
 
-import client.explain_app  # noqa: E402,F401  (registers the "query.explain" handler on app)
+from candor.client import explain_app  # noqa: E402,F401  (registers the "query.explain" handler on app)

@@ -23,9 +23,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common.auditlog import load_public_key, read_log
-from common.errors import CandorError
-from common.privacy import epsilon
+from candor.common.auditlog import load_public_key, read_log
+from candor.common.errors import CandorError
+from candor.common.privacy import epsilon
 
 from .ledger import Ledger
 from .receipts import ledger_path_for, read_receipts

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import sys
 
-from common.errors import DataValidationError, SchemaError
-from common.schema import Schema
-from common.validation import read_table, validate
+from candor.common.errors import DataValidationError, SchemaError
+from candor.common.schema import Schema
+from candor.common.validation import read_table, validate
 
 __all__ = ["check"]
 

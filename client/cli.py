@@ -11,9 +11,9 @@ import argparse
 import importlib
 import sys
 
-from common.errors import run_command
+from candor.common.errors import run_command
 
-COMMAND_MODULES = ("client.check", "client.deploy", "client.explain_cmds", "client.audit_cmds")
+COMMAND_MODULES = ("candor.client.check", "candor.client.deploy", "candor.client.explain_cmds", "candor.client.audit_cmds")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,10 +37,10 @@ from typing import Any
 
 import tomli_w
 
-from common.atomic import write_atomic
-from common.errors import CandorError
-from common.processes import flower_bin, flower_env, free_port
-from common.schema import Schema
+from candor.common.atomic import write_atomic
+from candor.common.errors import CandorError
+from candor.common.processes import flower_bin, flower_env, free_port
+from candor.common.schema import Schema
 
 from .keys import create_node_key, fingerprint, load_private_key
 
@@ -290,8 +290,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         site.save_config(config)
     explain_opt_out = bool(config.get("explain-opt-out", False))
 
-    from common.privacy import epsilon
-    from common.validation import load_table
+    from candor.common.privacy import epsilon
+    from candor.common.validation import load_table
 
     from .ledger import Ledger
 
@@ -456,7 +456,7 @@ def _last_error(path: Path) -> str:
 # --- ledger -------------------------------------------------------------------------------
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    from common.privacy import PRIVACY_UNIT_LONG, epsilon
+    from candor.common.privacy import PRIVACY_UNIT_LONG, epsilon
 
     from .ledger import Ledger
 

@@ -30,11 +30,11 @@ import logging
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from common.config import RunConfig
-from common.encoding import Encoder
-from common.errors import CandorError
-from common.explain import attribute, release_importance, release_mechanism
-from common.privacy import PRIVACY_UNIT, default_delta, epsilon
+from candor.common.config import RunConfig
+from candor.common.encoding import Encoder
+from candor.common.errors import CandorError
+from candor.common.explain import attribute, release_importance, release_mechanism
+from candor.common.privacy import PRIVACY_UNIT, default_delta, epsilon
 
 from .app import _check_budgets, _refusal, _Site, app
 from .ledger import Ledger, new_entry

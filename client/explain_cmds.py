@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.atomic import write_atomic
-from common.errors import CandorError
-from common.explain import Explanation, LoadedModel, Records, attribute, load_model, load_records, predict
-from common.schema import indicator_column
+from candor.common.atomic import write_atomic
+from candor.common.errors import CandorError
+from candor.common.explain import Explanation, LoadedModel, Records, attribute, load_model, load_records, predict
+from candor.common.schema import indicator_column
 
 __all__ = ["explain_records", "predict_records"]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.atomic import write_atomic
-from common.errors import CandorError
+from candor.common.atomic import write_atomic
+from candor.common.errors import CandorError
 
 __all__ = ["create_node_key", "fingerprint", "load_private_key"]
 

@@ -20,9 +20,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.atomic import write_json_atomic
-from common.errors import CandorError
-from common.privacy import MechanismRecord, epsilon
+from candor.common.atomic import write_json_atomic
+from candor.common.errors import CandorError
+from candor.common.privacy import MechanismRecord, epsilon
 
 LEDGER_VERSION = 1
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Message
 
-from common.atomic import write_atomic
-from common.errors import CandorError
-from common.hashing import hash_arrays
+from candor.common.atomic import write_atomic
+from candor.common.errors import CandorError
+from candor.common.hashing import hash_arrays
 
 from .site import SiteSpec
 

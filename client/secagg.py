@@ -37,8 +37,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-from common.config import RunConfig
-from common.errors import CandorError, ConfigError
+from candor.common.config import RunConfig
+from candor.common.errors import CandorError, ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from common.errors import CandorError
-from common.schema import Schema, indicator_column, normalise_value
+from candor.common.errors import CandorError
+from candor.common.schema import Schema, indicator_column, normalise_value
 
 __all__ = ["Encoder"]
 

@@ -1,8 +1,16 @@
 """Domain exceptions.
 
-Every exception a user can cause derives from :class:`CandorError`. Commands catch
-``CandorError`` at the boundary and print ``str(err)`` without a traceback; anything
-else is a bug and keeps its traceback.
+Every exception a user can cause derives from :class:`CandorError`, through the type
+that names its domain (a bad run-config value is a :class:`ConfigError`, an unreadable
+ledger a :class:`LedgerError`, ...). Commands catch ``CandorError`` at the boundary and
+print ``str(err)`` without a traceback; anything else is a bug and keeps its traceback.
+Programmer misuse (a wrong argument type in code) raises ``ValueError``/``TypeError``.
+
+One message form, as scikit-learn's parameter validation: the parameter or file, the
+rule, the value it got, what to do (:func:`message` builds it)::
+
+    --budget-epsilon must be a number > 0 (the lifetime ε this site allows); got -1.
+    Set it again with a positive number.
 """
 
 from __future__ import annotations
@@ -72,7 +80,50 @@ class DataValidationError(CandorError):
 
 
 class BudgetExceeded(CandorError):
-    """Training a round would take a site past its privacy budget."""
+    """A release (a training round, an explanation) would take a site past the run's
+    target or its lifetime privacy budget; nothing was trained, sent or recorded."""
+
+
+class LedgerError(CandorError):
+    """A site's privacy ledger is unreadable, or a write would change its history."""
+
+
+class SiteError(CandorError):
+    """A site directory, its files (site.toml, budget.toml, receipts) or an invite is
+    missing or breaks its format."""
+
+
+class FederationError(CandorError):
+    """The coordinator's federation directory, its registry of sites or its server."""
+
+
+class KeyFileError(CandorError):
+    """A key or certificate file is missing, unreadable, of the wrong kind or exposed."""
+
+
+class ConnectionFailed(CandorError):
+    """A site could not reach the server, or TLS with it failed."""
+
+
+class ModelFileError(CandorError):
+    """A model file is missing, unreadable or not a Candor model."""
+
+
+def message(where: str, rule: str, *, got: object = None, fix: str = "") -> str:
+    """``"{where}: {rule}; got {got!r}. {fix}"``: the one form of a user-facing error.
+
+    Args:
+        where: the parameter, option or file (and column, entry) concerned.
+        rule: what it must be, in words.
+        got: the value it had (omitted when ``None``).
+        fix: what the user should do.
+    """
+    text = f"{where}: {rule}"
+    if got is not None:
+        text += f"; got {got!r}"
+    if fix:
+        text += f". {fix}"
+    return text
 
 
 def run_command(prog: str, args) -> int:

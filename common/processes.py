@@ -55,7 +55,7 @@ def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     """Environment for Flower processes: ``FLWR_HOME``, no per-run dependency installs,
     no telemetry, one intra-op thread, this environment's
     executables first on PATH (Flower starts ``flower-superexec`` and the app processes
-    by name) and the app on PYTHONPATH."""
+    by name). The app's code is the installed ``candor`` package."""
     return {
         **os.environ,
         "FLWR_HOME": str(flwr_home),
@@ -64,7 +64,6 @@ def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
         "FLWR_TELEMETRY_ENABLED": "0",  # no usage reports from a data holder's machine
         "OMP_NUM_THREADS": "1",
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), os.environ.get("PYTHONPATH", "")])),
         **extra,
     }
 

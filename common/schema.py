@@ -59,7 +59,7 @@ from typing import Any
 
 import tomli_w
 
-from common.errors import SchemaError
+from candor.common.errors import SchemaError
 
 __all__ = [
     "MISSING_SUFFIX",

@@ -27,8 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from common.errors import DataValidationError, Problem
-from common.schema import (
+from candor.common.errors import DataValidationError, Problem
+from candor.common.schema import (
     Feature,
     Schema,
     indicator_column,

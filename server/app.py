@@ -11,11 +11,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
-from common.encoding import Encoder
-from common.errors import CandorError
-from common.models import build_model
-from common.schema import Schema
+from candor.common.config import RunConfig
+from candor.common.demo import DEMO_SCHEMA_PATH
+from candor.common.encoding import Encoder
+from candor.common.errors import CandorError
+from candor.common.models import build_model
+from candor.common.schema import Schema
 
 from .audit import AuditedStrategy, AuditLog, load_private_key
 from .checks import UpdateChecks
@@ -31,20 +32,13 @@ app = ServerApp()
 
 def _setup_logging() -> None:
     """Progress lines go to stderr, which Flower streams to `flwr run --stream`."""
-    root = logging.getLogger("server")
+    root = logging.getLogger("candor.server")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         root.propagate = False  # opacus installs a root handler; print once
-
-
-def _embedded_schema() -> Path:
-    """No schema named: a bare `flwr run .` of the embedded demo data."""
-    from simulations.embedded import BREAST_CANCER_SCHEMA_PATH
-
-    return BREAST_CANCER_SCHEMA_PATH
 
 
 def default_out_dir() -> str:
@@ -57,7 +51,7 @@ def main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(1)
     try:
         cfg = RunConfig.from_run_config(context.run_config)
-        schema = Schema.load(cfg.schema or _embedded_schema())
+        schema = Schema.load(cfg.schema or DEMO_SCHEMA_PATH)  # none named: a bare `flwr run .` of the demo
         audit_key, ephemeral = load_private_key(cfg.audit_key)
     except CandorError as err:
         logger.error("%s cannot start the run: %s", PROGRESS, err)

@@ -44,12 +44,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.atomic import json_safe, write_atomic
-from common.auditlog import GENESIS, AuditLogError, entry_hash, key_fingerprint, load_public_key, read_log, sign_entry
-from common.config import RunConfig
-from common.errors import ConfigError
-from common.hashing import canonical_json, hash_arrays, sha256_file
-from common.schema import Schema
+from candor.common.atomic import json_safe, write_atomic
+from candor.common.auditlog import GENESIS, AuditLogError, entry_hash, key_fingerprint, load_public_key, read_log, sign_entry
+from candor.common.config import RunConfig
+from candor.common.errors import ConfigError
+from candor.common.hashing import canonical_json, hash_arrays, sha256_file
+from candor.common.schema import Schema
 
 from .outputs import RunRecorder, site_of
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import tomli_w
 
-from common.atomic import write_atomic, write_json_atomic
-from common.errors import CandorError, run_command
-from common.processes import APP_DIR, flower_bin, flwr_json, run_status, stop_group, wait_until
+from candor.common.atomic import write_atomic, write_json_atomic
+from candor.common.errors import CandorError, run_command
+from candor.common.processes import APP_DIR, flower_bin, flwr_json, run_status, stop_group, wait_until
 
 from . import superlink
 from .federation import CONNECTION, DEFAULT_PORT, Federation
@@ -43,13 +43,13 @@ PROGRESS = "[candor]"  # = server.outputs.PROGRESS, the prefix of the ServerApp'
 
 def _run_config(values: dict[str, Any]):
     """The validated RunConfig for hyphenated ``values`` over the defaults."""
-    from common.config import RunConfig  # imports torch/opacus: only in the commands that need it
+    from candor.common.config import RunConfig  # imports torch/opacus: only in the commands that need it
 
     return RunConfig.from_run_config({**RunConfig().to_run_config(), **values})
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
-    from common.config import parse_override
+    from candor.common.config import parse_override
 
     out = dict(parse_override(t) for t in items)
     _run_config(out)  # names the bad key or value

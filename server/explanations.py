@@ -26,10 +26,10 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.atomic import write_atomic, write_json_atomic
-from common.config import RunConfig
-from common.errors import CandorError
-from common.privacy import MechanismRecord, epsilon
+from candor.common.atomic import write_atomic, write_json_atomic
+from candor.common.config import RunConfig
+from candor.common.errors import CandorError
+from candor.common.privacy import MechanismRecord, epsilon
 
 from .outputs import PROGRESS, RunRecorder
 

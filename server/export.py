@@ -28,13 +28,13 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from common.atomic import write_atomic, write_json_atomic
-from common.auditlog import AuditLogError
-from common.encoding import Encoder
-from common.errors import CandorError
-from common.hashing import hash_arrays
-from common.models import build_model
-from common.schema import Schema, indicator_column
+from candor.common.atomic import write_atomic, write_json_atomic
+from candor.common.auditlog import AuditLogError
+from candor.common.encoding import Encoder
+from candor.common.errors import CandorError
+from candor.common.hashing import hash_arrays
+from candor.common.models import build_model
+from candor.common.schema import Schema, indicator_column
 
 from .audit import AUDIT_LOG, PUBLIC_KEY, AuditLog, verify_run
 from .outputs import RunRecorder

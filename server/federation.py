@@ -34,9 +34,9 @@ import tomli_w
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
-from common.atomic import write_atomic, write_json_atomic
-from common.errors import CandorError
-from common.schema import Schema
+from candor.common.atomic import write_atomic, write_json_atomic
+from candor.common.errors import CandorError
+from candor.common.schema import Schema
 
 from .pki import ServerPKI, create_pki
 
@@ -151,7 +151,7 @@ class Federation:
             raise CandorError(f"{directory} holds a federation already; choose another directory")
         if directory.exists() and any(directory.iterdir()):
             raise CandorError(f"{directory} is not empty; `candor-server init` needs a new or empty directory")
-        from common.config import RunConfig  # imports torch/opacus: only where needed
+        from candor.common.config import RunConfig  # imports torch/opacus: only where needed
 
         parsed = Schema.load(schema)
         defaults = RunConfig().to_run_config()

@@ -19,9 +19,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from common.atomic import write_atomic, write_json_atomic
-from common.config import RunConfig
-from common.hashing import sha256_file
+from candor.common.atomic import write_atomic, write_json_atomic
+from candor.common.config import RunConfig
+from candor.common.hashing import sha256_file
 
 from .audit import AuditLog
 from .outputs import RunRecorder

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from common.atomic import json_safe, write_atomic, write_json_atomic
-from common.config import RunConfig
-from common.privacy import PRIVACY_UNIT, MechanismRecord, epsilon
-from common.schema import Schema
+from candor.common.atomic import json_safe, write_atomic, write_json_atomic
+from candor.common.config import RunConfig
+from candor.common.privacy import PRIVACY_UNIT, MechanismRecord, epsilon
+from candor.common.schema import Schema
 
 logger = logging.getLogger(__name__)
 PROGRESS = "[candor]"  # prefix of the per-round lines commands show to the user

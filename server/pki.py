@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.atomic import write_atomic
-from common.errors import CandorError
+from candor.common.atomic import write_atomic
+from candor.common.errors import CandorError
 
 __all__ = ["ServerPKI", "create_pki", "subject_alt_names"]
 

@@ -6,8 +6,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from common.atomic import write_atomic
-from common.privacy import MechanismRecord, epsilon
+from candor.common.atomic import write_atomic
+from candor.common.privacy import MechanismRecord, epsilon
 
 
 def plot_progress(metrics: dict[str, Any], privacy: dict[str, Any], path: Path) -> None:

@@ -65,9 +65,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from common.atomic import write_json_atomic
-from common.config import RunConfig
-from common.errors import CandorError
+from candor.common.atomic import write_json_atomic
+from candor.common.config import RunConfig
+from candor.common.errors import CandorError
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import tomli_w
 
-from common.atomic import write_atomic, write_json_atomic
-from common.errors import CandorError
-from common.processes import (
+from candor.common.atomic import write_atomic, write_json_atomic
+from candor.common.errors import CandorError
+from candor.common.processes import (
     flower_bin, flower_env, flwr_json, free_port, pid_alive, stop_pid_group, superlink_healthy, wait_until,
 )
 

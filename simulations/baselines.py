@@ -10,12 +10,12 @@ import dataclasses
 import numpy as np
 import torch
 
-from common.config import RunConfig
-from common.data import load_site, stable_seed
-from common.models import build_model
-from common.privacy import MechanismRecord, calibrate_noise_multiplier, default_delta, epsilon
-from common.schema import Schema
-from common.training import LocalTraining, TensorSplit, evaluate, sample_rate, steps_for_epochs, train
+from candor.common.config import RunConfig
+from candor.common.data import load_site, stable_seed
+from candor.common.models import build_model
+from candor.common.privacy import MechanismRecord, calibrate_noise_multiplier, default_delta, epsilon
+from candor.common.schema import Schema
+from candor.common.training import LocalTraining, TensorSplit, evaluate, sample_rate, steps_for_epochs, train
 
 from .sites import SimSite
 

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig, parse_override
-from common.errors import CandorError, DataValidationError
+from candor.common.config import RunConfig, parse_override
+from candor.common.errors import CandorError, DataValidationError
 
 PROGRESS = "[candor]"
 
@@ -32,9 +32,9 @@ def _config(overrides: list[str], **fixed: Any) -> RunConfig:
 
 def _prepare(args: argparse.Namespace, out: Path):
     """(schema path, sites) for the command's data options."""
-    from common.schema import Schema
+    from candor.common.schema import Schema
 
-    from .embedded import BREAST_CANCER_SCHEMA_PATH
+    from candor.common.demo import DEMO_SCHEMA_PATH
     from .sites import check_sites, parse_site_arg, write_embedded_sites
 
     if args.site:
@@ -44,7 +44,7 @@ def _prepare(args: argparse.Namespace, out: Path):
         schema_path = Path(args.schema).resolve()
         sites = [parse_site_arg(s) for s in args.site]
     else:
-        schema_path = Path(args.schema).resolve() if args.schema else Path(BREAST_CANCER_SCHEMA_PATH)
+        schema_path = Path(args.schema).resolve() if args.schema else DEMO_SCHEMA_PATH
         sites = write_embedded_sites(out, num_sites=args.num_sites, scheme=args.partition, alpha=args.alpha,
                                      seed=args.partition_seed)
     schema = Schema.load(schema_path)
@@ -115,7 +115,7 @@ def cmd_pooled(args: argparse.Namespace) -> int:
     cfg = _config(args.config, schema=str(schema_path), out_dir=str(out))
     check_sites(sites, schema, min_rows=cfg.min_rows)
     result = pooled(schema, sites, cfg)
-    from common.atomic import write_json_atomic
+    from candor.common.atomic import write_json_atomic
 
     write_json_atomic(out / "pooled.json", result)
     print(f"Pooled (centralized) baseline, {'DP' if cfg.dp else 'non-private'}: " +
@@ -126,7 +126,7 @@ def cmd_pooled(args: argparse.Namespace) -> int:
 
 
 def cmd_schema_infer(args: argparse.Namespace) -> int:
-    from common.validation import read_table
+    from candor.common.validation import read_table
 
     from .schema_infer import INFER_WARNING, infer_schema
 

@@ -22,8 +22,8 @@ from typing import Any, Iterator
 
 import tomli_w
 
-from common.errors import CandorError
-from common.processes import APP_DIR, flower_bin, flower_env, free_port, run_status, stop_group, superlink_healthy, wait_until
+from candor.common.errors import CandorError
+from candor.common.processes import APP_DIR, flower_bin, flower_env, free_port, run_status, stop_group, superlink_healthy, wait_until
 
 logger = logging.getLogger(__name__)
 

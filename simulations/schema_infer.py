@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.errors import SchemaError
-from common.schema import Feature, Label, Schema, is_missing, normalise_value, parse_boolean
+from candor.common.errors import SchemaError
+from candor.common.schema import Feature, Label, Schema, is_missing, normalise_value, parse_boolean
 
 __all__ = ["INFER_WARNING", "infer_schema"]
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.atomic import write_json_atomic
-from common.errors import CandorError, DataValidationError
-from common.schema import Schema
-from common.validation import load_table
+from candor.common.atomic import write_json_atomic
+from candor.common.errors import CandorError, DataValidationError
+from candor.common.schema import Schema
+from candor.common.validation import load_table
+
+from candor.client.site import MANIFEST_PUBLIC_SEED
 
 
 @dataclass(frozen=True)
@@ -61,35 +63,17 @@ def write_manifest(sites: list[SimSite], out_dir: Path) -> Path:
             entry["budget_epsilon"] = site.budget_epsilon
         entries.append(entry)
     path = out_dir / "sites.json"
-    write_json_atomic(path, {"sites": entries})
+    # Simulated sites seed sampling and noise from the run's public seed: reproducible
+    # research runs (client/site.py; privacy.json says so for every site).
+    write_json_atomic(path, {"noise_seed": MANIFEST_PUBLIC_SEED, "sites": entries})
     return path
 
 
 def write_embedded_sites(out_dir: Path, *, num_sites: int, scheme: str = "iid", alpha: float = 0.5,
                          seed: int = 0) -> list[SimSite]:
-    """Split the embedded breast-cancer data into ``num_sites`` hospitals, one CSV each
-    in ``out_dir/data`` (written atomically)."""
-    from common.atomic import write_atomic
+    """Split the embedded demo data (:mod:`candor.common.demo`) into ``num_sites``
+    hospitals, one CSV each in ``out_dir/data``."""
+    from candor.common.demo import write_demo_sites
 
-    from .embedded import breast_cancer_frame, partition
-
-    parts = partition(breast_cancer_frame(), num_sites=num_sites, label="diagnosis", scheme=scheme,
-                      alpha=alpha, seed=seed)
-    sites = []
-    for i, part in enumerate(parts, start=1):
-        path = out_dir / "data" / f"hospital-{i}.csv"
-        write_atomic(path, part.to_csv(index=False))
-        sites.append(SimSite(name=f"hospital-{i}", data=path))
-    return sites
-
-
-def embedded_default_site(partition_id: int, num_partitions: int) -> dict:
-    """Manifest entry of simulated node ``partition_id`` for a bare ``flwr run .``
-    (no manifest given): the embedded data split iid over ``num_partitions`` hospitals,
-    cached in the temp dir."""
-    import tempfile
-
-    root = Path(tempfile.gettempdir()) / f"candor-embedded-{num_partitions}"
-    sites = write_embedded_sites(root, num_sites=num_partitions)
-    site = sites[partition_id % num_partitions]
-    return {"name": site.name, "data": str(site.data), "ledger": str(root / "ledgers" / f"{site.name}.json")}
+    return [SimSite(name=name, data=path)
+            for name, path in write_demo_sites(out_dir, num_sites=num_sites, scheme=scheme, alpha=alpha, seed=seed)]

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from client.ledger import Ledger, new_entry
-from common.errors import CandorError
-from common.privacy import MechanismRecord, epsilon
+from candor.client.ledger import Ledger, new_entry
+from candor.common.errors import CandorError
+from candor.common.privacy import MechanismRecord, epsilon
 
 
 def _entry(r: int, run: str = "run-1"):
@@ -52,8 +52,8 @@ def test_corrupt_ledger_is_a_clear_error_not_a_reset(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from client.ledger import Ledger, new_entry
-    from common.privacy import MechanismRecord
+    from candor.client.ledger import Ledger, new_entry
+    from candor.common.privacy import MechanismRecord
     ledger = Ledger(sys.argv[1], site="h1")
     r = 0
     while True:

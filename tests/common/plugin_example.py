@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from common.training import TensorSplit
+from candor.common.training import TensorSplit
 
 
 def make_model(*, num_features: int, num_outputs: int) -> nn.Module:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig
-from common.errors import ConfigError
+from candor.common.config import RunConfig
+from candor.common.errors import ConfigError
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.encoding import Encoder
-from common.errors import CandorError
-from common.schema import Schema
-from common.validation import read_table, validate
+from candor.common.encoding import Encoder
+from candor.common.errors import CandorError
+from candor.common.schema import Schema
+from candor.common.validation import read_table, validate
 
 SCHEMA = Schema.from_dict({
     "label": {"name": "y", "task": "binary", "positive": ["yes"], "negative": ["no"]},

@@ -14,9 +14,9 @@ import copy
 import pytest
 import torch
 
-from common.errors import ConfigError
-from common.models import build_model
-from common.training import LocalTraining, TensorSplit, train
+from candor.common.errors import ConfigError
+from candor.common.models import build_model
+from candor.common.training import LocalTraining, TensorSplit, train
 
 NUM_FEATURES = 30
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from common.data import load_plugin_site
-from common.errors import ConfigError
-from common.models import build_model
-from common.training import LocalTraining, evaluate, train
+from candor.common.data import load_plugin_site
+from candor.common.errors import ConfigError
+from candor.common.models import build_model
+from candor.common.training import LocalTraining, evaluate, train
 
 
 def test_plugin_model_and_loader_train_privately(tmp_path):

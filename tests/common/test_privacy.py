@@ -9,8 +9,8 @@ import dp_accounting
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from common.errors import ConfigError
-from common.privacy import MechanismRecord, calibrate_noise_multiplier, default_delta, epsilon
+from candor.common.errors import ConfigError
+from candor.common.privacy import MechanismRecord, calibrate_noise_multiplier, default_delta, epsilon
 
 
 def pld_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:

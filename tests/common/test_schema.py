@@ -12,8 +12,8 @@ import tomli_w
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.errors import SchemaError
-from common.schema import Feature, Label, Schema, normalise_value, parse_boolean
+from candor.common.errors import SchemaError
+from candor.common.schema import Feature, Label, Schema, normalise_value, parse_boolean
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "schema.md"
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from common.models import build_model
-from common.training import LocalTraining, TensorSplit, evaluate, sample_rate, steps_for_epochs, train
+from candor.common.models import build_model
+from candor.common.training import LocalTraining, TensorSplit, evaluate, sample_rate, steps_for_epochs, train
 
 
 def _data(n: int = 400, d: int = 8, seed: int = 0) -> TensorSplit:

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.errors import DataValidationError
-from common.schema import Schema
-from common.validation import load_table, read_table, validate
+from candor.common.errors import DataValidationError
+from candor.common.schema import Schema
+from candor.common.validation import load_table, read_table, validate
 
 SCHEMA = Schema.from_dict({
     "label": {"name": "y", "task": "binary", "positive": ["yes", 1], "negative": ["no", 0]},
@@ -201,7 +201,7 @@ def test_load_table_raises_with_every_problem_and_logs_warnings(tmp_path, caplog
     assert "2 problems in the data" in str(info.value)
 
     warn = good_rows() + [{**base, "bp": ""}]
-    with caplog.at_level(logging.WARNING, logger="common.validation"):
+    with caplog.at_level(logging.WARNING, logger="candor.common.validation"):
         clean = load_table(write_csv(tmp_path / "warn.csv", warn), SCHEMA)
     assert len(clean) == GOOD_ROWS + 1
     assert "bp__missing" in caplog.text

@@ -13,8 +13,9 @@ from deploy_helpers import (
     BIN, BUDGET, BUDGET_SITE, DELTA, ENV, RUN_CONFIG, SITES, Deployment, Processes, make_site, server,
 )
 
-from common.processes import free_port, pid_alive, stop_pid_group
-from simulations.embedded import BREAST_CANCER_SCHEMA_PATH, breast_cancer_frame, partition
+from candor.common.processes import free_port, pid_alive, stop_pid_group
+from candor.common.demo import DEMO_SCHEMA_PATH, breast_cancer_frame
+from candor.common.partition import partition
 
 
 @pytest.fixture(scope="package")
@@ -28,7 +29,7 @@ def deployment(tmp_path_factory):
         dep.data[name] = root / "data" / f"{name}.csv"
         part.to_csv(dep.data[name], index=False)
     code, out, err = server("init", dep.fed, "--name", "loopback", "--host", "127.0.0.1", "--host", "localhost",
-                            "--port", dep.port, "--schema", BREAST_CANCER_SCHEMA_PATH,
+                            "--port", dep.port, "--schema", DEMO_SCHEMA_PATH,
                             "-c", "model=logreg", "-c", "num-server-rounds=2")
     assert code == 0, err
     try:

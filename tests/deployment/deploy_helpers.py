@@ -22,7 +22,7 @@ from pathlib import Path
 
 import dp_accounting
 
-from common.processes import stop_group, wait_until
+from candor.common.processes import stop_group, wait_until
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
@@ -53,13 +53,13 @@ def cli(main, *args: str) -> tuple[int, str, str]:
 
 
 def server(*args: str) -> tuple[int, str, str]:
-    from server.cli import main
+    from candor.server.cli import main
 
     return cli(main, *args)
 
 
 def client(*args: str) -> tuple[int, str, str]:
-    from client.cli import main
+    from candor.client.cli import main
 
     return cli(main, *args)
 

@@ -23,8 +23,9 @@ import time
 
 from deploy_helpers import ENV, client, pld_epsilon
 
-from common.processes import wait_until
-from simulations.embedded import BREAST_CANCER_SCHEMA_PATH, breast_cancer_frame, partition
+from candor.common.processes import wait_until
+from candor.common.demo import DEMO_SCHEMA_PATH, breast_cancer_frame
+from candor.common.partition import partition
 
 BUDGET = 7.0
 RUN_ID = 4242
@@ -32,12 +33,12 @@ RUN_ID = 4242
 TRAINER = textwrap.dedent("""
     import os, sys, time
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
-    from client.app import handle_train
-    from client.ledger import Ledger
-    from common.config import RunConfig
-    from common.encoding import Encoder
-    from common.models import build_model
-    from common.schema import Schema
+    from candor.client.app import handle_train
+    from candor.client.ledger import Ledger
+    from candor.common.config import RunConfig
+    from candor.common.encoding import Encoder
+    from candor.common.models import build_model
+    from candor.common.schema import Schema
 
     site_dir, data, schema_path, budget, run_id = sys.argv[1:6]
     schema = Schema.load(schema_path)
@@ -83,7 +84,7 @@ def test_ledger_survives_sigkill_mid_round_and_restarts_never_reset_the_budget(t
     partition(breast_cancer_frame(), num_sites=3, label="diagnosis", seed=5)[0].to_csv(data, index=False)
     rng = random.Random(1)
     seen_rounds = 0
-    server = subprocess.Popen([sys.executable, "-c", TRAINER, str(site), str(data), str(BREAST_CANCER_SCHEMA_PATH),
+    server = subprocess.Popen([sys.executable, "-c", TRAINER, str(site), str(data), str(DEMO_SCHEMA_PATH),
                                str(BUDGET), str(RUN_ID)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               env=ENV, start_new_session=True)
     try:

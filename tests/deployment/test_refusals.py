@@ -8,8 +8,8 @@ import subprocess
 
 import pandas as pd
 
-from common.processes import free_port, stop_group
-from server.pki import create_pki
+from candor.common.processes import free_port, stop_group
+from candor.server.pki import create_pki
 
 from deploy_helpers import BIN, ENV, client, copy_site, server
 

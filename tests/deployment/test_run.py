@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import torch
 
-from common.processes import wait_until
+from candor.common.processes import wait_until
 
 from deploy_helpers import BIN, BUDGET, BUDGET_SITE, DELTA, ENV, SITES, TARGET, client, pld_epsilon, server
 

@@ -15,13 +15,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_public_key
 from flwr.common.config import parse_config_args
 
-from client.deploy import SiteDir, _node_config
-from client.keys import create_node_key, load_private_key
-from client.site import resolve_site
-from common.config import RunConfig
-from common.errors import CandorError
-from server.pki import create_pki
-from simulations.embedded import BREAST_CANCER_SCHEMA_PATH
+from candor.client.deploy import SiteDir, _node_config
+from candor.client.keys import create_node_key, load_private_key
+from candor.client.site import resolve_site
+from candor.common.config import RunConfig
+from candor.common.errors import CandorError
+from candor.server.pki import create_pki
+from candor.common.demo import DEMO_SCHEMA_PATH
 
 from deploy_helpers import client, server
 
@@ -65,12 +65,12 @@ def test_node_key_is_p384_openssh_private_0600(tmp_path):
 def test_federation_init_refuses_a_used_directory_and_invites_hold_nothing_secret(tmp_path):
     fed = tmp_path / "fed"
     code, out, err = server("init", fed, "--name", "f", "--host", "fl.example.org", "--schema",
-                            BREAST_CANCER_SCHEMA_PATH, "-c", "min-rows=30")
+                            DEMO_SCHEMA_PATH, "-c", "min-rows=30")
     assert code == 0, err
     assert "valid for fl.example.org, localhost, 127.0.0.1" in out
-    code, out, err = server("init", fed, "--name", "f", "--schema", BREAST_CANCER_SCHEMA_PATH)
+    code, out, err = server("init", fed, "--name", "f", "--schema", DEMO_SCHEMA_PATH)
     assert code == 1 and "holds a federation already" in err
-    code, out, err = server("init", tmp_path / "fed2", "--name", "f", "--schema", BREAST_CANCER_SCHEMA_PATH,
+    code, out, err = server("init", tmp_path / "fed2", "--name", "f", "--schema", DEMO_SCHEMA_PATH,
                             "-c", "no-such-key=1")
     assert code == 1 and "Unknown run-config key 'no-such-key'" in err
     site = tmp_path / "site"

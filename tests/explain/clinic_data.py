@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.config import RunConfig
-from common.encoding import Encoder
-from common.models import build_model
-from common.schema import Schema
+from candor.common.config import RunConfig
+from candor.common.encoding import Encoder
+from candor.common.models import build_model
+from candor.common.schema import Schema
 
 SCHEMA = {
     "name": "clinic",
@@ -41,7 +41,7 @@ def save_model(run_dir, schema: Schema, *, spec: str = "logreg", seed: int = 0) 
     """A model.pt exactly as the coordinator writes it (server.outputs.RunRecorder)."""
     from flwr.app import ArrayRecord
 
-    from server.outputs import RunRecorder
+    from candor.server.outputs import RunRecorder
 
     encoder = Encoder(schema)
     torch.manual_seed(seed)

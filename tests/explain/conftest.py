@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.schema import Schema
+from candor.common.schema import Schema
 
 from clinic_data import SCHEMA
 

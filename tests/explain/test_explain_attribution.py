@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from common.encoding import Encoder
-from common.explain import COMPLETENESS_TOLERANCE, attribute, release_importance
-from common.models import build_model
-from common.schema import Schema
-from common.training import LocalTraining, TensorSplit, train
+from candor.common.encoding import Encoder
+from candor.common.explain import COMPLETENESS_TOLERANCE, attribute, release_importance
+from candor.common.models import build_model
+from candor.common.schema import Schema
+from candor.common.training import LocalTraining, TensorSplit, train
 
 FEATURES = ["f0", "f1", "f2", "f3", "f4", "f5"]
 

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from client.cli import main
-from common.encoding import Encoder
-from common.explain import load_model
-from common.schema import Schema
+from candor.client.cli import main
+from candor.common.encoding import Encoder
+from candor.common.explain import load_model
+from candor.common.schema import Schema
 
 from clinic_data import SCHEMA, records, save_model
 

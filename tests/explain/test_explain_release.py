@@ -17,11 +17,11 @@ from hypothesis.extra.numpy import arrays
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from common.config import RunConfig
-from common.encoding import Encoder
-from common.explain import Explanation, clip_rows, release_importance, release_mechanism
-from common.models import build_model
-from common.privacy import MechanismRecord, epsilon
+from candor.common.config import RunConfig
+from candor.common.encoding import Encoder
+from candor.common.explain import Explanation, clip_rows, release_importance, release_mechanism
+from candor.common.models import build_model
+from candor.common.privacy import MechanismRecord, epsilon
 
 from clinic_data import SCHEMA, records
 
@@ -111,7 +111,7 @@ def _site(tmp_path, schema, **entry):
 
 
 def _ask(tmp_path, schema, *, message_type="query.explain", server_round=3, **run_config):
-    from client.app import app
+    from candor.client.app import app
 
     cfg = RunConfig(schema=str(tmp_path / "schema.json"), sim_manifest=str(tmp_path / "sites.json"),
                     num_server_rounds=2, target_epsilon=0.0, noise_multiplier=1.0, explain_clip=0.5,
@@ -187,7 +187,7 @@ def test_training_reserves_the_release_so_the_run_meets_its_target(tmp_path, sch
 
 # --- the coordinator --------------------------------------------------------------
 def test_global_importance_is_the_row_weighted_mean_of_the_released_sites():
-    from server.explanations import aggregate
+    from candor.server.explanations import aggregate
 
     sites = {"a": {"release": "dp", "num_examples": 10, "importance": {"x": 0.1, "y": 0.3}},
              "b": {"release": "dp", "num_examples": 30, "importance": {"x": 0.5, "y": 0.1}},
@@ -200,8 +200,8 @@ def test_global_importance_is_the_row_weighted_mean_of_the_released_sites():
 
 
 def test_the_recorder_adds_the_release_to_the_site_privacy_history(tmp_path, schema):
-    from server.explanations import card_section
-    from server.outputs import RunRecorder
+    from candor.server.explanations import card_section
+    from candor.server.outputs import RunRecorder
 
     recorder = RunRecorder(tmp_path, cfg=RunConfig(), schema=schema, feature_names=Encoder(schema).feature_names)
     training = [MechanismRecord(round=r, noise_multiplier=2.4, sample_rate=0.28, steps=11) for r in (1, 2)]

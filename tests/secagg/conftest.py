@@ -19,10 +19,10 @@ def task_identity(monkeypatch):
 def loopback(monkeypatch):
     """``loopback(sites, **kw)``: a LoopbackGrid whose sites train with ``FakeSite.train``
     behind the real ``client.app.handle_train`` routing."""
-    import client.app
+    from candor.client import app as client_app
 
     def make(sites: dict[int, FakeSite], **kwargs) -> LoopbackGrid:
-        monkeypatch.setattr(client.app, "_handle_plain_train", lambda msg, ctx: sites[ctx.node_id].train(msg, ctx))
+        monkeypatch.setattr(client_app, "_handle_plain_train", lambda msg, ctx: sites[ctx.node_id].train(msg, ctx))
         return LoopbackGrid(sites, **kwargs)
 
     return make

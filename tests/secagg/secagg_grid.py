@@ -75,7 +75,7 @@ class LoopbackGrid(Grid):
 
     def __init__(self, sites: dict[int, FakeSite], *, run_config: dict | None = None,
                  drop: dict[str, set[int]] | None = None, tamper=None) -> None:
-        import client.app
+        import candor.client.app
 
         self.handle = client.app.handle_train
         self.sites = sites

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import common.config as config
-from common.config import SECAGG_STRATEGIES, STRATEGIES, RunConfig
-from common.errors import ConfigError
-from server.secagg import num_shares_for, rounding_bound, threshold_for, weight_shift
+import candor.common.config as config
+from candor.common.config import SECAGG_STRATEGIES, STRATEGIES, RunConfig
+from candor.common.errors import ConfigError
+from candor.server.secagg import num_shares_for, rounding_bound, threshold_for, weight_shift
 
 
 def test_off_by_default_and_every_secure_strategy_is_a_known_strategy():

@@ -20,9 +20,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp.strategy import FedAvg
 from secagg_grid import FakeSite, initial_arrays, stage_of
 
-from common.config import RunConfig
-from server.secagg import SecureAggregation, SecureAggregationError, arrays_sha256, error_bound
-from server.strategy import RecordingStrategy, build_strategy
+from candor.common.config import RunConfig
+from candor.server.secagg import SecureAggregation, SecureAggregationError, arrays_sha256, error_bound
+from candor.server.strategy import RecordingStrategy, build_strategy
 
 NS = [120, 300, 45, 800, 77]
 
@@ -193,7 +193,7 @@ def test_server_never_receives_an_individual_update(loopback):
 def test_a_site_refuses_to_send_its_update_in_the_clear_when_the_run_is_secure(loopback):
     from flwr.app import Context
 
-    import client.app
+    from candor.client import app as client_app
 
     glob = initial_arrays()
     msg = Message(RecordDict({"arrays": glob, "config": ConfigRecord({"server-round": 1})}), dst_node_id=3,
@@ -201,8 +201,8 @@ def test_a_site_refuses_to_send_its_update_in_the_clear_when_the_run_is_secure(l
     msg.metadata.__dict__["_message_id"] = "x"
     ctx = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(),
                   run_config=RunConfig(secure_aggregation=True, min_sites=3).to_run_config())
-    reply = client.app.handle_train(msg, ctx)
-    assert reply.has_error() and reply.error.code == client.app.REFUSED
+    reply = client_app.handle_train(msg, ctx)
+    assert reply.has_error() and reply.error.code == client_app.REFUSED
     assert "in the clear" in reply.error.reason
 
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from client.secagg import TEST_DUMP_ENV
-from common.config import RunConfig
-from server.secagg import arrays_sha256, error_bound
+from candor.client.secagg import TEST_DUMP_ENV
+from candor.common.config import RunConfig
+from candor.server.secagg import arrays_sha256, error_bound
 
 CANDOR_SIM = str(Path(sys.executable).parent / "candor-sim")
 SITES = {"hospital-1", "hospital-2", "hospital-3"}

@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.errors import CandorError
-from common.schema import Schema
-from common.validation import read_table, validate
-from simulations.embedded import BREAST_CANCER_SCHEMA_PATH, breast_cancer_frame, partition
-from simulations.schema_infer import INFER_WARNING, infer_schema
+from candor.common.errors import CandorError
+from candor.common.schema import Schema
+from candor.common.validation import read_table, validate
+from candor.common.demo import DEMO_SCHEMA_PATH, breast_cancer_frame
+from candor.common.partition import partition
+from candor.simulations.schema_infer import INFER_WARNING, infer_schema
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 HEART = SHARED / "data" / "heart-disease" / "processed.cleveland.data"
@@ -33,7 +34,7 @@ def test_frame_and_schema_agree(frame):
     assert frame.shape == (569, 31)
     assert all(c == c.lower() and " " not in c for c in frame.columns)
     assert frame["diagnosis"].value_counts().to_dict() == {"benign": 357, "malignant": 212}
-    schema = Schema.load(BREAST_CANCER_SCHEMA_PATH)
+    schema = Schema.load(DEMO_SCHEMA_PATH)
     assert [f.name for f in schema.features] == list(frame.columns[:-1])
     assert schema.label.positive == ("malignant",)
     clean, problems = validate(frame, schema, source="embedded", min_rows=100)

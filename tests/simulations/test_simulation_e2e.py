@@ -11,11 +11,11 @@ import dp_accounting
 import pytest
 import torch
 
-from common.encoding import Encoder
-from common.models import build_model
-from common.schema import Schema
-from common.training import TensorSplit, evaluate
-from simulations.embedded import BREAST_CANCER_SCHEMA_PATH, breast_cancer_frame
+from candor.common.encoding import Encoder
+from candor.common.models import build_model
+from candor.common.schema import Schema
+from candor.common.training import TensorSplit, evaluate
+from candor.common.demo import DEMO_SCHEMA_PATH, breast_cancer_frame
 
 CANDOR_SIM = str(Path(sys.executable).parent / "candor-sim")
 TARGET = 3.0  # the default 'target-epsilon'
@@ -69,9 +69,9 @@ def test_model_beats_its_initialization(run):
     proc, out = run
     saved = torch.load(out / "model.pt", weights_only=False)
     schema = Schema.from_dict(saved["schema"])
-    assert schema == Schema.load(BREAST_CANCER_SCHEMA_PATH)
+    assert schema == Schema.load(DEMO_SCHEMA_PATH)
     encoder = Encoder(schema)
-    from common.validation import validate
+    from candor.common.validation import validate
 
     frame, _ = validate(breast_cancer_frame(), schema, source="embedded")
     x, y = encoder.encode(frame)
@@ -95,7 +95,7 @@ def test_bad_site_data_is_refused_before_anything_starts(tmp_path):
     good = tmp_path / "good.csv"
     breast_cancer_frame().head(60).to_csv(good, index=False)
     proc = subprocess.run(
-        [CANDOR_SIM, "run", "--schema", str(BREAST_CANCER_SCHEMA_PATH), "--site", f"a={good}",
+        [CANDOR_SIM, "run", "--schema", str(DEMO_SCHEMA_PATH), "--site", f"a={good}",
          "--site", f"b={bad}", "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1

@@ -16,18 +16,18 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord
 
-from common.auditlog import AuditLogError, entry_hash, load_public_key, parse_log, read_log
-from common.config import RunConfig
-from common.errors import ConfigError
-from common.schema import Schema
-from server.audit import AUDIT_LOG, PUBLIC_KEY, AuditLog, load_private_key, verify_run, write_private_key
-from server.trust_cmds import register
-from simulations.embedded import BREAST_CANCER_SCHEMA_PATH
+from candor.common.auditlog import AuditLogError, entry_hash, load_public_key, parse_log, read_log
+from candor.common.config import RunConfig
+from candor.common.errors import ConfigError
+from candor.common.schema import Schema
+from candor.server.audit import AUDIT_LOG, PUBLIC_KEY, AuditLog, load_private_key, verify_run, write_private_key
+from candor.server.trust_cmds import register
+from candor.common.demo import DEMO_SCHEMA_PATH
 
 
 def small_log(tmp_path, key=None) -> AuditLog:
     log = AuditLog(tmp_path, key or Ed25519PrivateKey.generate(), ephemeral=key is None)
-    log.start(run_id="42", cfg=RunConfig(), schema=Schema.load(BREAST_CANCER_SCHEMA_PATH),
+    log.start(run_id="42", cfg=RunConfig(), schema=Schema.load(DEMO_SCHEMA_PATH),
               initial=ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))}))
     for r in (1, 2):
         log.append("round", {"round": r, "updates": [{"site": "a", "sha256": "ab" * 32, "privacy": {"epsilon": 1.5e-5}}],

@@ -17,15 +17,15 @@ from flwr.app import ArrayRecord
 from onnx.reference import ReferenceEvaluator
 from safetensors import safe_open
 
-from common.auditlog import AuditLogError
-from common.config import RunConfig
-from common.encoding import Encoder
-from common.models import build_model
-from common.schema import Schema
-from common.validation import load_table, validate
-from server.audit import verify_run
-from server.export import export_model, publish
-from server.outputs import RunRecorder
+from candor.common.auditlog import AuditLogError
+from candor.common.config import RunConfig
+from candor.common.encoding import Encoder
+from candor.common.models import build_model
+from candor.common.schema import Schema
+from candor.common.validation import load_table, validate
+from candor.server.audit import verify_run
+from candor.server.export import export_model, publish
+from candor.server.outputs import RunRecorder
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "trust.md"
 BUNDLE_FILES = {"model.pt", "model.safetensors", "model.onnx", "model_schema.json", "schema.json", "MODEL_CARD.md",
@@ -95,7 +95,7 @@ def test_onnx_export_reproduces_model_pt(sim_run, bundle):
 
 
 def test_candors_own_loader_reads_the_bundle(bundle):
-    from common.explain import load_model
+    from candor.common.explain import load_model
 
     loaded = load_model(bundle)
     assert loaded is not None

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from common.hashing import hash_arrays
-from server.audit import APP_ROOT, code_sha256
+from candor.common.hashing import hash_arrays
+from candor.server.audit import APP_ROOT, code_sha256
 
 
 def test_same_hash_for_torch_state_dict_array_record_and_numpy():

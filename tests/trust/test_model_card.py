@@ -9,15 +9,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord
 from trust_helpers import SITES, reply
 
-from common.auditlog import entry_hash, load_public_key, read_log
-from common.config import RunConfig
-from common.encoding import Encoder
-from common.hashing import sha256_file
-from common.schema import Schema
-from server.audit import AuditLog
-from server.model_card import card_doc, render_markdown
-from server.outputs import RunRecorder
-from simulations.embedded import BREAST_CANCER_SCHEMA_PATH
+from candor.common.auditlog import entry_hash, load_public_key, read_log
+from candor.common.config import RunConfig
+from candor.common.encoding import Encoder
+from candor.common.hashing import sha256_file
+from candor.common.schema import Schema
+from candor.server.audit import AuditLog
+from candor.server.model_card import card_doc, render_markdown
+from candor.server.outputs import RunRecorder
+from candor.common.demo import DEMO_SCHEMA_PATH
 
 
 def test_card_reports_each_sites_epsilon_as_privacy_json_and_the_release(sim_run):
@@ -59,7 +59,7 @@ def test_card_follows_the_model_card_sections_and_lists_the_schema(sim_run):
                     "## Training data", "## Training procedure", "### Privacy", "## Evaluation", "## Integrity"):
         assert heading in md
     card = json.loads((sim_run / "model_card.json").read_text())
-    schema = Schema.load(BREAST_CANCER_SCHEMA_PATH)
+    schema = Schema.load(DEMO_SCHEMA_PATH)
     assert [f["name"] for f in card["schema"]["features"]] == [f.name for f in schema.features]
     assert card["schema"]["sha256"] == schema.sha256()
     assert set(card["evaluation"]["sites"]) == set(SITES) and "accuracy" in card["evaluation"]["overall"]
@@ -67,8 +67,8 @@ def test_card_follows_the_model_card_sections_and_lists_the_schema(sim_run):
 
 
 def test_a_deployment_card_publishes_no_row_counts(tmp_path):
-    schema = Schema.load(BREAST_CANCER_SCHEMA_PATH)
-    cfg = RunConfig(dp=False, schema=str(BREAST_CANCER_SCHEMA_PATH))  # deployment: a schema, no sim-manifest
+    schema = Schema.load(DEMO_SCHEMA_PATH)
+    cfg = RunConfig(dp=False, schema=str(DEMO_SCHEMA_PATH))  # deployment: a schema, no sim-manifest
     recorder = RunRecorder(tmp_path, cfg=cfg, schema=schema, feature_names=Encoder(schema).feature_names)
     update = {"0.weight": np.zeros((1, 30), dtype=np.float32), "0.bias": np.zeros(1, dtype=np.float32)}
     recorder.train_reply(1, reply("clinic-a", update, num_examples=1234))

@@ -7,9 +7,9 @@ import pytest
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 from trust_helpers import reply
 
-from common.config import RunConfig
-from common.errors import ConfigError
-from server.strategy import build_strategy
+from candor.common.config import RunConfig
+from candor.common.errors import ConfigError
+from candor.server.strategy import build_strategy
 
 HONEST = [0.9, 1.0, 1.2]
 OUTLIER = 1000.0

@@ -8,10 +8,10 @@ import shutil
 import pytest
 from trust_helpers import SITES
 
-from client.cli import main as client_main
-from client.receipts import append_receipt, ledger_path_for, read_receipts, receipts_path
-from common.auditlog import load_public_key, read_log
-from common.errors import CandorError
+from candor.client.cli import main as client_main
+from candor.client.receipts import append_receipt, ledger_path_for, read_receipts, receipts_path
+from candor.common.auditlog import load_public_key, read_log
+from candor.common.errors import CandorError
 
 
 def test_receipts_live_beside_the_ledger():

@@ -12,15 +12,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 from trust_helpers import reply
 
-from common.config import RunConfig
-from common.encoding import Encoder
-from common.hashing import hash_arrays
-from common.schema import Schema
-from server.audit import AuditedStrategy, AuditLog
-from server.checks import UpdateChecks
-from server.outputs import RunRecorder
-from server.strategy import RecordingStrategy
-from simulations.embedded import BREAST_CANCER_SCHEMA_PATH
+from candor.common.config import RunConfig
+from candor.common.encoding import Encoder
+from candor.common.hashing import hash_arrays
+from candor.common.schema import Schema
+from candor.server.audit import AuditedStrategy, AuditLog
+from candor.server.checks import UpdateChecks
+from candor.server.outputs import RunRecorder
+from candor.server.strategy import RecordingStrategy
+from candor.common.demo import DEMO_SCHEMA_PATH
 
 GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 
@@ -56,7 +56,7 @@ def test_bad_updates_are_rejected_with_the_site_named_and_the_rest_aggregated(ca
     rejected = []
     checks = UpdateChecks(Offline(), max_update_norm=50.0, on_reject=lambda r, site, why: rejected.append((r, site, why)))
     start(checks)
-    with caplog.at_level(logging.WARNING, logger="server.checks"):
+    with caplog.at_level(logging.WARNING, logger="candor.server.checks"):
         arrays, _ = checks.aggregate_train(1, replies())
     assert [(r, site) for r, site, _ in rejected] == [(1, "bad-nan"), (1, "bad-shape"), (1, "bad-norm")]
     why = {site: reason for _, site, reason in rejected}
@@ -95,7 +95,7 @@ def test_each_rule_names_what_is_wrong(make, fragment):
 
 
 def test_rejections_reach_metrics_json_and_the_audit_log(tmp_path):
-    schema = Schema.load(BREAST_CANCER_SCHEMA_PATH)
+    schema = Schema.load(DEMO_SCHEMA_PATH)
     cfg = RunConfig(dp=False, max_update_norm=50.0)
     recorder = RunRecorder(tmp_path, cfg=cfg, schema=schema, feature_names=Encoder(schema).feature_names)
     log = AuditLog(tmp_path, Ed25519PrivateKey.generate(), ephemeral=True)

@@ -1,35 +1,24 @@
-"""The embedded default data set and the partitioners that split it into sites.
+"""Partitioners: split one table into disjoint site tables (iid or label-skewed).
 
-The Wisconsin Diagnostic Breast Cancer table ships with scikit-learn, so simulations
-run without network access. Its schema is ``simulations/schemas/breast_cancer.toml``.
+Used by ``candor-sim`` to simulate sites from one table and by the embedded demo
+(:mod:`candor.common.demo`). Splitting is a simulation device: a deployed site holds
+its own table and is never partitioned.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.datasets import load_breast_cancer
 
-from common.errors import CandorError
+from .errors import CandorError
 
-__all__ = ["BREAST_CANCER_SCHEMA_PATH", "breast_cancer_frame", "partition"]
+__all__ = ["partition"]
 
 logger = logging.getLogger(__name__)
 
-BREAST_CANCER_SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "breast_cancer.toml"
 _MAX_DRAWS = 1000
-
-
-def breast_cancer_frame() -> pd.DataFrame:
-    """569 rows: 30 numeric features with snake_case names (``mean_radius``, ...) and
-    the label ``diagnosis`` = ``"malignant"`` | ``"benign"``."""
-    bunch = load_breast_cancer(as_frame=True)
-    df = bunch.data.rename(columns=lambda c: str(c).strip().replace(" ", "_"))
-    df["diagnosis"] = np.asarray(bunch.target_names)[bunch.target.to_numpy()].astype(str)
-    return df
 
 
 def partition(df: pd.DataFrame, *, num_sites: int, label: str, scheme: str = "iid",
