@@ -18,9 +18,10 @@ this run including the release).
   ``explain_opt_out``): no statistic at all, and nothing is charged.
 
 The release is part of the run: with ``target-epsilon`` set, training is calibrated so
-that its rounds plus this release meet the target (client/app.py reserves it), and the
-release is checked like a training round (``_check_budgets``: the run's target and the
-site's lifetime budget); one that would exceed either is refused, nothing sent.
+that its rounds plus this release meet the target (``RunPrivacy.plan_sigma`` reserves
+it), and the release is checked like a training round (:class:`candor.client.spending.Spending`:
+the run's target and the site's lifetime budget); one that would exceed either is
+refused, nothing sent. :mod:`candor.client.app` registers :func:`handle_explain`.
 """
 
 from __future__ import annotations
@@ -28,35 +29,39 @@ from __future__ import annotations
 import json
 import logging
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from candor.common.config import RunConfig
 from candor.common.encoding import Encoder
 from candor.common.errors import CandorError
 from candor.common.explain import attribute, release_importance, release_mechanism
-from candor.common.privacy import PRIVACY_UNIT, default_delta, epsilon
+from candor.common.policy import RunPrivacy
 
-from .app import _check_budgets, _refusal, _Site, app
-from .ledger import Ledger, new_entry
+from .context import SiteContext, identity, refusal
+from .ledger import Ledger
 from .site import resolve_site
+from .spending import Spending
+
+__all__ = ["handle_explain"]
 
 logger = logging.getLogger(__name__)
 
 
-@app.query("explain")
 def handle_explain(msg: Message, context: Context) -> Message:
+    """``query.explain``: the site's part of the federated explanation of the final model."""
     try:
         spec = resolve_site(context.node_config, RunConfig.from_run_config(context.run_config))
         if spec.explain_opt_out:
             logger.info("site '%s' opted out of the federated explanation; nothing sent", spec.name)
-            ident = ConfigRecord({"site": spec.name, "privacy-unit": PRIVACY_UNIT, "release": "opted-out"})
+            ident = identity(spec)
+            ident["release"] = "opted-out"
             return Message(content=RecordDict({"candor": ident}), reply_to=msg)
-        return _explain(_Site(msg, context), msg)
+        return _explain(SiteContext(msg, context), msg)
     except CandorError as err:
-        return _refusal(msg, err)
+        return refusal(msg, err)
 
 
-def _explain(site: _Site, msg: Message) -> Message:
+def _explain(site: SiteContext, msg: Message) -> Message:
     cfg, spec = site.cfg, site.spec
     explanation = attribute(site.model, Encoder(site.schema), site.data.test.x)
     extra = site.identity()
@@ -64,21 +69,20 @@ def _explain(site: _Site, msg: Message) -> Message:
         release = release_importance(explanation, clip=None, noise_multiplier=None)
         extra["release"] = "exact"
     else:
-        delta = cfg.target_delta or default_delta(len(site.data.train))  # the δ of the site's training
+        # the δ of the site's training: the release composes with it in one run
+        run = RunPrivacy.from_config(cfg, num_records=len(site.data.train), explain=True)
         record = release_mechanism(round=site.round, noise_multiplier=cfg.explain_noise_multiplier,
                                    run_id=site.run_id)
-        ledger = Ledger(spec.ledger_path, site=spec.name)
-        with ledger.locked():
-            run_history = ledger.history(run_id=site.run_id)
-            _check_budgets(site, ledger, run_history, record, delta)
+        spending = Spending(Ledger(spec.ledger_path, site=spec.name), run=run, budget=spec.budget,
+                            run_id=site.run_id, site=spec.name)
+        with spending.locked():
+            spending.check(record, what="the explanation release")
             release = release_importance(explanation, clip=cfg.explain_clip,
                                          noise_multiplier=cfg.explain_noise_multiplier)
-            eps_run = epsilon(run_history + [record], delta=delta, accountant=cfg.accountant)
-            ledger.append(new_entry(record, accountant=cfg.accountant, delta=delta, epsilon_run=eps_run))
+            eps_run = spending.charge(record)
         extra.update({"release": "dp", "mechanism": json.dumps(record.to_dict()), "clip": cfg.explain_clip,
-                      "accountant": cfg.accountant, "delta": delta, "epsilon": eps_run})
+                      "accountant": run.accountant, "delta": run.delta, "epsilon": eps_run})
     metrics = {"num-examples": release.num_examples}
     metrics.update({name: float(v) for name, v in zip(release.features, release.mean)})
     content = RecordDict({"metrics": MetricRecord(metrics), "candor": extra})
     return Message(content=content, reply_to=msg)
-

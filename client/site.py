@@ -32,6 +32,7 @@ from typing import Any, Mapping
 from candor.common.config import RunConfig
 from candor.common.demo import DEMO_SCHEMA_PATH
 from candor.common.errors import ConfigError
+from candor.common.policy import LifetimeBudget
 
 NOISE_OS_ENTROPY = "os-entropy"
 NOISE_PUBLIC_SEED = "public-seed (simulation only)"
@@ -52,6 +53,11 @@ class SiteSpec:
     # Sampling and noise seeded from the run's public `seed` (reproducible runs). Only a
     # simulated site whose candor-sim manifest asks for it; never a deployed site.
     public_seed: bool = False
+
+    @property
+    def budget(self) -> LifetimeBudget:
+        """The site's own lifetime budget (its setting, never the coordinator's)."""
+        return LifetimeBudget(epsilon=self.budget_epsilon, delta=self.budget_delta)
 
     @property
     def noise_seed(self) -> str:

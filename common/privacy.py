@@ -91,14 +91,18 @@ def _compress(history: Iterable[MechanismRecord]) -> tuple[tuple[float, float, i
     return tuple(out)
 
 
+def _opacus_accountant(name: str):
+    from opacus.accountants import PRVAccountant, RDPAccountant  # lazy: opacus is slow to import
+
+    return {"prv": PRVAccountant, "rdp": RDPAccountant}[check_accountant(name)]()
+
+
 @functools.lru_cache(maxsize=4096)
 def _epsilon(triples: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     if not triples:
         return 0.0
-    from opacus.accountants import PRVAccountant, RDPAccountant  # lazy: opacus is slow to import
-
-    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
-    acc.history = list(triples)
+    acc = _opacus_accountant(accountant)
+    acc.load_state_dict({"history": list(triples), "mechanism": acc.mechanism()})
     with np.errstate(divide="ignore"):  # PRV at q = 1 takes log(0) on its way to a finite ε
         return float(acc.get_epsilon(delta=delta))
 
@@ -115,6 +119,8 @@ def epsilon(history: Sequence[MechanismRecord], *, delta: float, accountant: str
 
 
 def check_accountant(name: str) -> str:
+    """``name`` if it is one of :data:`ACCOUNTANTS`; an unknown name is an error, never a
+    silent fallback."""
     if name not in ACCOUNTANTS:
         raise ConfigError(
             f"The 'accountant' parameter must be one of {', '.join(ACCOUNTANTS)}; got {name!r}. "
@@ -189,3 +195,44 @@ def calibrate_noise_multiplier(
             lo = mid
         if hi - lo < 1e-6:
             return hi
+
+
+class Accountant:
+    """The ε of a growing mechanism history, under one accountant at one δ.
+
+    A small facade over Opacus' accountants (the mechanism behind it stays Opacus'):
+    :meth:`compose` returns the accountant with more records, :meth:`epsilon` the
+    cumulative ε, :meth:`would_exceed` whether a planned record would take it past a
+    limit, :meth:`state_dict` / :meth:`from_state_dict` the whole state, which is
+    nothing but the history, δ and the accountant's name: ε is always recomputed.
+
+    Raises:
+        ConfigError: unknown accountant name, or δ outside (0, 1).
+    """
+
+    def __init__(self, name: str = "prv", *, delta: float, history: Iterable[MechanismRecord] = ()) -> None:
+        self.name = check_accountant(name)
+        if not 0 < delta < 1:
+            raise ConfigError(f"delta must be in (0, 1) (got {delta})")
+        self.delta = float(delta)
+        self.history: tuple[MechanismRecord, ...] = tuple(history)
+
+    def compose(self, *records: MechanismRecord) -> Accountant:
+        """This accountant with ``records`` appended (self is unchanged)."""
+        return Accountant(self.name, delta=self.delta, history=self.history + records)
+
+    def epsilon(self) -> float:
+        """Cumulative ε of the whole history at :attr:`delta` (0 for no history)."""
+        return epsilon(self.history, delta=self.delta, accountant=self.name)
+
+    def would_exceed(self, record: MechanismRecord, *, limit: float) -> bool:
+        """True if composing ``record`` would bring ε above ``limit``."""
+        return self.compose(record).epsilon() > limit
+
+    def state_dict(self) -> dict:
+        return {"accountant": self.name, "delta": self.delta, "history": [h.to_dict() for h in self.history]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Accountant:
+        return cls(str(state["accountant"]), delta=float(state["delta"]),
+                   history=[MechanismRecord.from_dict(h) for h in state["history"]])

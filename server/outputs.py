@@ -86,6 +86,7 @@ class RunRecorder:
                 "delta": delta,
                 "accountant": accountant,
                 "privacy_unit": PRIVACY_UNIT,
+                "noise_seed": str(ident.get("noise-seed", "unknown")),
                 "max_grad_norm": self.cfg.max_grad_norm,
                 "num_examples": int(metrics["num-examples"]),
                 "history": [{k: v for k, v in h.to_dict().items() if k != "run_id"} for h in history],

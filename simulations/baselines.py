@@ -13,7 +13,8 @@ import torch
 from candor.common.config import RunConfig
 from candor.common.data import load_site, stable_seed
 from candor.common.models import build_model
-from candor.common.privacy import MechanismRecord, calibrate_noise_multiplier, default_delta, epsilon
+from candor.common.policy import RunPrivacy
+from candor.common.privacy import MechanismRecord
 from candor.common.schema import Schema
 from candor.common.training import LocalTraining, TensorSplit, evaluate, sample_rate, steps_for_epochs, train
 
@@ -38,13 +39,14 @@ def pooled(schema: Schema, sites: list[SimSite], cfg: RunConfig) -> dict:
                              optimizer=cfg.optimizer, momentum=cfg.momentum, max_grad_norm=cfg.max_grad_norm)
     privacy = None
     if cfg.dp:
-        q, delta = sample_rate(n, cfg.batch_size), cfg.target_delta or default_delta(n)
-        sigma = cfg.noise_multiplier if cfg.target_epsilon == 0 else calibrate_noise_multiplier(
-            target_epsilon=cfg.target_epsilon, delta=delta, sample_rate=q, steps=steps, accountant=cfg.accountant)
+        # The pool is one "site" training one long round: the same policy as a site's.
+        run = dataclasses.replace(RunPrivacy.from_config(cfg, num_records=n, explain=False), rounds=1)
+        q = sample_rate(n, cfg.batch_size)
+        sigma = run.plan_sigma([], sample_rate=q, steps_per_round=steps)
         settings = dataclasses.replace(settings, noise_multiplier=sigma)
         record = MechanismRecord(round=1, noise_multiplier=sigma, sample_rate=q, steps=steps)
-        privacy = {"epsilon": epsilon([record], delta=delta, accountant=cfg.accountant), "delta": delta,
-                   "accountant": cfg.accountant, "history": [record.to_dict()]}
+        privacy = {"epsilon": run.accountant_for([record]).epsilon(), "delta": run.delta,
+                   "accountant": run.accountant, "history": [record.to_dict()]}
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_features=train_split.x.shape[1], num_outputs=schema.num_outputs,
                         hidden=cfg.hidden_sizes)

@@ -123,7 +123,7 @@ def _ask(tmp_path, schema, *, message_type="query.explain", server_round=3, **ru
         {"server-round": server_round, "schema-sha256": schema.sha256()})})
     meta = Metadata(run_id=77, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
                     group_id="", created_at=time.time(), ttl=600, message_type=message_type)
-    context = Context(run_id=77, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+    context = Context(run_id=77, node_id=1, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(),
                       run_config=cfg.to_run_config())
     return app(Message(content=content, metadata=meta), context)
 

@@ -1,0 +1,75 @@
+"""What a ClientApp handler needs at a site for one message, and how it refuses.
+
+:class:`SiteContext` is built once per message from Flower's ``Context``: the run config
+(parsed once into :class:`~candor.common.config.RunConfig`), where the site's files are
+(:mod:`candor.client.site`), its schema (checked against the federation's fingerprint),
+its validated and encoded data, and the model the coordinator sent. :func:`refusal` is
+the one way a handler says no: an ``Error`` reply with :data:`REFUSED` and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message
+
+from candor.common.config import RunConfig
+from candor.common.data import SiteData, load_plugin_site, load_site, stable_seed
+from candor.common.errors import SchemaError
+from candor.common.models import build_model
+from candor.common.privacy import PRIVACY_UNIT
+from candor.common.schema import Schema
+
+from .site import SiteSpec, resolve_site
+
+__all__ = ["REFUSED", "SiteContext", "refusal"]
+
+logger = logging.getLogger(__name__)
+
+REFUSED = 4001  # Error code of a site's refusal (budget, schema, data)
+
+
+class SiteContext:
+    """Everything a handler needs, built once per message from the context."""
+
+    def __init__(self, msg: Message, context: Context) -> None:
+        torch.set_num_threads(1)
+        self.cfg = RunConfig.from_run_config(context.run_config)
+        self.spec: SiteSpec = resolve_site(context.node_config, self.cfg)
+        self.schema = Schema.load(self.spec.schema_path)
+        expected = msg.content["config"].get("schema-sha256")
+        if expected and expected != self.schema.sha256():
+            raise SchemaError(
+                f"site '{self.spec.name}': its schema {self.spec.schema_path} (sha256 "
+                f"{self.schema.sha256()[:12]}) differs from the federation's ({str(expected)[:12]}); "
+                "fetch the federation's schema from the coordinator"
+            )
+        split_seed = stable_seed(self.cfg.seed, self.spec.name, "split")
+        if self.cfg.data_loader:
+            self.data: SiteData = load_plugin_site(
+                self.cfg.data_loader, self.spec.data_path, test_path=self.spec.test_path,
+                test_fraction=self.cfg.test_fraction, seed=split_seed)
+        else:
+            self.data = load_site(
+                self.schema, self.spec.data_path, test_path=self.spec.test_path,
+                test_fraction=self.cfg.test_fraction, seed=split_seed, min_rows=self.cfg.min_rows)
+        self.model = build_model(self.cfg.model, num_features=len(self.data.feature_names),
+                                 num_outputs=self.schema.num_outputs, hidden=self.cfg.hidden_sizes)
+        self.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        self.round = int(msg.content["config"]["server-round"])
+        self.run_id = str(msg.metadata.run_id)
+
+    def identity(self) -> ConfigRecord:
+        """The ``candor`` ConfigRecord every reply carries: site, privacy unit, noise source."""
+        return identity(self.spec)
+
+
+def identity(spec: SiteSpec) -> ConfigRecord:
+    return ConfigRecord({"site": spec.name, "privacy-unit": PRIVACY_UNIT, "noise-seed": spec.noise_seed})
+
+
+def refusal(msg: Message, err: Exception) -> Message:
+    """The site's refusal of ``msg``: logged here, and sent as an Error with the reason."""
+    logger.warning("%s", err)
+    return Message(Error(code=REFUSED, reason=str(err)), reply_to=msg)

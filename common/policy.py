@@ -1,0 +1,175 @@
+"""Privacy policy: the one place where a site's privacy rules are computed.
+
+Everything a site enforces, and everything it is shown, comes from here, so that what
+a site is told is what it enforces:
+
+- :class:`RunPrivacy`, the run's privacy settings at one site (accountant, δ, target ε
+  or a fixed σ, rounds, the explanation release to reserve): :meth:`RunPrivacy.plan_sigma`
+  fixes σ for the whole run at the site's first round, calibrated so that every planned
+  training round *plus* the explanation release meets the target;
+- :class:`LifetimeBudget`, the site's own lifetime limit over every run (its setting,
+  never the coordinator's): ε, the δ it is stated at, and :data:`LIFETIME_ACCOUNTANT`;
+- :func:`check_release`, which refuses (:class:`~candor.common.errors.BudgetExceeded`)
+  a release that would take the run past its target or the site past its budget;
+- :func:`lifetime_spent`, the lifetime ε that ``candor-client start`` and ``ledger``
+  report, computed by the same rule :func:`check_release` enforces.
+
+The lifetime δ is the budget's δ when the site set one, otherwise the smallest δ of
+anything recorded or planned (a smaller δ gives a larger ε: the conservative choice).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import BudgetExceeded
+from .privacy import Accountant, MechanismRecord, calibrate_noise_multiplier, check_accountant, default_delta
+
+__all__ = ["LIFETIME_ACCOUNTANT", "LifetimeBudget", "LifetimeSpent", "RunPrivacy", "check_release",
+           "lifetime_spent"]
+
+logger = logging.getLogger(__name__)
+
+# The lifetime budget is composed with PRV (Gopi et al. 2021), the tight numerical upper
+# bound, whatever accountant a run uses: the site's limit does not depend on a
+# coordinator's setting.
+LIFETIME_ACCOUNTANT = "prv"
+_NO_RECORD_DELTA = 1e-5  # δ shown beside ε = 0 when nothing was ever recorded
+
+
+@dataclass(frozen=True)
+class RunPrivacy:
+    """The run's privacy settings at one site.
+
+    Attributes:
+        accountant: "prv" or "rdp", for the run's ε.
+        delta: the run's δ at this site (probability, in (0, 1)).
+        target_epsilon: ε the whole run may cost this site (training and releases);
+            0 = no target, train with ``noise_multiplier``.
+        noise_multiplier: σ when there is no target.
+        rounds: training rounds the run plans.
+        explain_noise_multiplier: σ of the explanation release that follows training,
+            reserved inside the target; ``None`` = no release planned.
+    """
+
+    accountant: str
+    delta: float
+    target_epsilon: float
+    noise_multiplier: float
+    rounds: int
+    explain_noise_multiplier: float | None = None
+
+    def __post_init__(self) -> None:
+        check_accountant(self.accountant)
+
+    @classmethod
+    def from_config(cls, cfg, *, num_records: int, explain: bool) -> RunPrivacy:
+        """From the run config ``cfg`` (a :class:`~candor.common.config.RunConfig`) for a
+        site with ``num_records`` training records; ``explain``: the site takes part
+        in the explanation release."""
+        return cls(accountant=cfg.accountant, delta=cfg.target_delta or default_delta(num_records),
+                   target_epsilon=cfg.target_epsilon, noise_multiplier=cfg.noise_multiplier,
+                   rounds=cfg.num_server_rounds,
+                   explain_noise_multiplier=cfg.explain_noise_multiplier if cfg.explain and explain else None)
+
+    def accountant_for(self, history: Sequence[MechanismRecord] = ()) -> Accountant:
+        return Accountant(self.accountant, delta=self.delta, history=history)
+
+    def explanation_reserve(self, *, round: int) -> list[MechanismRecord]:
+        """The explanation release planned after training, as reserved in calibration:
+        empty when none is planned, or when the release alone would exceed the target
+        (training then uses the whole target and the release is refused by its own
+        check, not every training round)."""
+        if self.explain_noise_multiplier is None:
+            return []
+        from .explain import release_mechanism
+
+        reserve = [release_mechanism(round=round, noise_multiplier=self.explain_noise_multiplier)]
+        if self.target_epsilon > 0 and self.accountant_for(reserve).epsilon() >= self.target_epsilon:
+            logger.warning("the explanation release alone exceeds target ε %s; training uses the whole target "
+                           "and the release will be refused", self.target_epsilon)
+            return []
+        return reserve
+
+    def plan_sigma(self, run_history: Sequence[MechanismRecord], *, sample_rate: float, steps_per_round: int) -> float:
+        """σ of the run at this site: the one fixed at its first round (read back from
+        ``run_history``), else calibrated so that :attr:`rounds` rounds of
+        ``steps_per_round`` steps at ``sample_rate`` plus the explanation reserve meet
+        the target, else the fixed :attr:`noise_multiplier`."""
+        if run_history:
+            return run_history[0].noise_multiplier
+        if self.target_epsilon <= 0:
+            return self.noise_multiplier
+        return calibrate_noise_multiplier(
+            target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=sample_rate,
+            steps=steps_per_round * self.rounds, prior=self.explanation_reserve(round=self.rounds + 1),
+            accountant=self.accountant)
+
+
+@dataclass(frozen=True)
+class LifetimeBudget:
+    """A site's own lifetime privacy budget, over every run it ever takes part in.
+
+    Attributes:
+        epsilon: the lifetime ε the site allows; ``None`` = no limit.
+        delta: the δ it is stated at; ``None`` = the smallest δ recorded or planned.
+    """
+
+    epsilon: float | None = None
+    delta: float | None = None
+
+    def delta_for(self, deltas: Sequence[float]) -> float:
+        """The lifetime δ, given the δs recorded in the ledger (and any planned one)."""
+        return self.delta or min(deltas, default=_NO_RECORD_DELTA)
+
+
+@dataclass(frozen=True)
+class LifetimeSpent:
+    """What a site has spent over its lifetime: ε at δ under the lifetime accountant."""
+
+    epsilon: float
+    delta: float
+    accountant: str
+    rounds: int
+
+
+def lifetime_spent(history: Sequence[MechanismRecord], deltas: Sequence[float], budget: LifetimeBudget) -> LifetimeSpent:
+    """The lifetime ε of ``history`` (every entry of the site's ledger, whose δs are
+    ``deltas``), by the rule :func:`check_release` enforces."""
+    delta = budget.delta_for(deltas)
+    eps = Accountant(LIFETIME_ACCOUNTANT, delta=delta, history=history).epsilon()
+    return LifetimeSpent(eps, delta, LIFETIME_ACCOUNTANT, len(history))
+
+
+def check_release(planned: MechanismRecord, *, run: RunPrivacy, run_history: Sequence[MechanismRecord],
+                  lifetime_history: Sequence[MechanismRecord], lifetime_deltas: Sequence[float],
+                  budget: LifetimeBudget, site: str, what: str = "round") -> None:
+    """Refuse ``planned`` if it would take this run's ε past its target or the site's
+    lifetime ε past its budget.
+
+    Args:
+        what: how the refusal names the release ("round" for training, or e.g.
+            "the explanation release").
+
+    Raises:
+        BudgetExceeded: naming the site, the release, the ε it would reach, the limit and
+            δ; nothing has been trained, sent or recorded.
+    """
+    label = f"round {planned.round}" if what == "round" else what
+    if run.target_epsilon > 0:
+        eps = run.accountant_for([*run_history, planned]).epsilon()
+        if eps > run.target_epsilon:
+            raise BudgetExceeded(
+                f"site '{site}' refuses {label}: it would bring this run's ε to "
+                f"{eps:.3f} > target {run.target_epsilon} (δ = {run.delta:g})")
+    if budget.epsilon is not None:
+        before = lifetime_spent(lifetime_history, [*lifetime_deltas, run.delta], budget)
+        after = Accountant(LIFETIME_ACCOUNTANT, delta=before.delta, history=lifetime_history).compose(planned)
+        eps = after.epsilon()
+        if eps > budget.epsilon:
+            raise BudgetExceeded(
+                f"site '{site}' refuses {label}: its lifetime ε would reach "
+                f"{eps:.3f} > its budget {budget.epsilon} (δ = {before.delta:g}; spent so far "
+                f"{before.epsilon:.3f}). Nothing was trained or recorded.")
