@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +62,8 @@ import torch
 from torch import nn
 
 from .encoding import Encoder
-from .errors import CandorError, DataValidationError, Problem, SchemaError
-from .models import build_model
+from .errors import ConfigError, DataValidationError, ModelFileError, Problem
+from .model_file import MODEL_FILE, ModelFile
 from .privacy import MechanismRecord
 from .schema import Schema, is_missing
 from .validation import read_table, validate
@@ -85,7 +84,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
 COMPLETENESS_TOLERANCE = 1e-3  # probability points; max |Σ contributions − (F(x) − F(x'))|
 _MAX_STEPS = 2048  # ReLU kinks slow the quadrature (error ~1/steps): refined per record
 
@@ -103,50 +101,23 @@ class LoadedModel:
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Load ``model.pt`` from a run directory, a bundle directory, or the file itself.
-
-    The file is read with ``torch.load(weights_only=True)``: a model file from
-    elsewhere cannot run code on this machine.
+    """Load ``model.pt`` from a run directory, a bundle directory, or the file itself
+    (:class:`candor.common.model_file.ModelFile`: read with ``weights_only=True``, so a
+    model file from elsewhere cannot run code on this machine).
 
     Raises:
-        CandorError: the path holds no model file, or the file is unreadable, not a
+        ModelFileError: the path holds no model file, or the file is unreadable, not a
             Candor model, or inconsistent with its own schema.
     """
+    saved = ModelFile.load(path)
     given = Path(path)
     file = given / MODEL_FILE if given.is_dir() else given
-    if not file.is_file():
-        raise CandorError(
-            f"{given}: no model found; give a run directory or bundle directory containing "
-            f"{MODEL_FILE}, or the {MODEL_FILE} file itself")
-
-    def corrupt(why: str) -> CandorError:
-        return CandorError(f"{file}: not a usable Candor model file ({why}); fetch the model "
-                           "again from the coordinator's run directory or bundle")
-
     try:
-        doc = torch.load(file, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
-        raise corrupt(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}") from None
-    keys = ("state_dict", "model", "hidden", "feature_names", "schema", "schema_sha256")
-    if not isinstance(doc, dict) or any(k not in doc for k in keys):
-        raise corrupt(f"expected the keys {', '.join(keys)}")
-    try:
-        schema = Schema.from_dict(doc["schema"], source=str(file))
-    except SchemaError as err:
-        raise corrupt(f"its schema is invalid: {err}") from None
-    if schema.sha256() != doc["schema_sha256"]:
-        raise corrupt("its schema does not match the schema fingerprint stored with it")
-    encoder = Encoder(schema)
-    if list(doc["feature_names"]) != encoder.feature_names:
-        raise corrupt("its encoded feature names do not match its schema")
-    model = build_model(str(doc["model"]), num_features=encoder.num_features,
-                        num_outputs=schema.num_outputs, hidden=tuple(int(h) for h in doc["hidden"]))
-    try:
-        model.load_state_dict(doc["state_dict"])
-    except (RuntimeError, TypeError) as err:
-        raise corrupt(f"its weights do not fit a '{doc['model']}' model: {str(err).splitlines()[0]}") from None
-    model.eval()
-    return LoadedModel(model, schema, encoder, str(doc["model"]), file)
+        model = saved.build()
+    except ModelFileError as err:
+        raise ModelFileError(f"{file}: not a usable Candor model file ({err}); fetch the model "
+                             "again from the coordinator's run directory or bundle") from None
+    return LoadedModel(model, saved.schema, Encoder(saved.schema), saved.model, file)
 
 
 # --- records to score ---------------------------------------------------------
@@ -205,7 +176,7 @@ def load_records(path: str | os.PathLike, schema: Schema, *, id_column: str | No
     if any(p.severity == "error" for p in problems):
         raise DataValidationError(problems)
     if len(clean) != len(table):  # not reachable: every excluded row is reported above
-        raise CandorError(f"{source}: {len(table) - len(clean)} rows could not be scored")
+        raise RuntimeError(f"{source}: {len(table) - len(clean)} rows could not be scored")
     return Records(clean, ids, [p for p in problems if p.severity != "error"])
 
 
@@ -315,13 +286,14 @@ def release_importance(explanation: Explanation, *, clip: float | None, noise_mu
     v = np.abs(explanation.contributions)
     n = len(v)
     if n == 0:
-        raise CandorError("no held-out records to compute feature importance on")
+        raise ConfigError("the federated explanation: this site has no held-out records to compute feature "
+                          "importance on; give it a test split (--test FILE, or a larger test-fraction)")
     if (clip is None) != (noise_multiplier is None):
-        raise CandorError("set both clip and noise_multiplier for a private release, or neither")
+        raise ValueError("set both clip and noise_multiplier for a private release, or neither")
     if clip is None:
         return ImportanceRelease(explanation.features, v.mean(axis=0), n, None, None)
     if not clip > 0 or not noise_multiplier > 0:
-        raise CandorError(f"clip and noise multiplier must be > 0 (got {clip}, {noise_multiplier})")
+        raise ValueError(f"clip and noise multiplier must be > 0 (got {clip}, {noise_multiplier})")
     rng = rng if rng is not None else np.random.default_rng()
     total = clip_rows(v, clip).sum(axis=0) + rng.normal(0.0, noise_multiplier * clip, size=v.shape[1])
     return ImportanceRelease(explanation.features, total / n, n, clip, noise_multiplier)

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -30,10 +31,8 @@ from torch import nn
 
 from candor.common.atomic import write_atomic, write_json_atomic
 from candor.common.auditlog import AuditLogError
-from candor.common.encoding import Encoder
-from candor.common.errors import CandorError
 from candor.common.hashing import hash_arrays
-from candor.common.models import build_model
+from candor.common.model_file import MODEL_FILE, ModelFile
 from candor.common.schema import Schema, indicator_column
 
 from .audit import AUDIT_LOG, PUBLIC_KEY, AuditLog, verify_run
@@ -41,7 +40,6 @@ from .outputs import RunRecorder
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
 EXPORTS = ("model.safetensors", "model_schema.json", "model.onnx", "schema.json")
 CARD_FILES = ("MODEL_CARD.md", "model_card.json")
 BUNDLE = (MODEL_FILE, *EXPORTS, *CARD_FILES, AUDIT_LOG, PUBLIC_KEY)  # everything publish copies
@@ -83,7 +81,8 @@ def _inputs(schema: Schema) -> list[dict[str, Any]]:
     return columns
 
 
-def model_schema(doc: dict[str, Any], model: nn.Module, schema: Schema) -> dict[str, Any]:
+def model_schema(saved: ModelFile, model: nn.Module) -> dict[str, Any]:
+    schema = saved.schema
     label = schema.label
     if label.task == "binary":
         outputs = {"task": "binary", "logits": 1, "probability": "sigmoid(logit) = P(class 1)",
@@ -94,8 +93,8 @@ def model_schema(doc: dict[str, Any], model: nn.Module, schema: Schema) -> dict[
     return {
         "format": FORMAT,
         "weights": "model.safetensors",
-        "model_sha256": hash_arrays(doc["state_dict"]),
-        "architecture": {"model": doc["model"], "hidden": list(doc["hidden"]), "layers": _layers(model)},
+        "model_sha256": hash_arrays(saved.state_dict),
+        "architecture": {"model": saved.model, "hidden": list(saved.hidden), "layers": _layers(model)},
         "inputs": _inputs(schema),
         "encoding": {
             "scaled": "(x - lower) / (upper - lower) * 2 - 1 (out_of_bounds 'clip': clip x to [lower, upper] first)",
@@ -111,25 +110,32 @@ def model_schema(doc: dict[str, Any], model: nn.Module, schema: Schema) -> dict[
     }
 
 
-def load_run_model(run_dir: Path) -> tuple[dict[str, Any], nn.Module, Schema]:
-    doc = torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)
-    schema = Schema.from_dict(doc["schema"], source=str(run_dir / MODEL_FILE))
-    encoder = Encoder(schema)
-    if list(doc["feature_names"]) != encoder.feature_names:
-        raise CandorError(f"{run_dir / MODEL_FILE}: its feature names do not match its schema")
-    model = build_model(str(doc["model"]), num_features=encoder.num_features, num_outputs=schema.num_outputs,
-                        hidden=tuple(int(h) for h in doc["hidden"]))
-    model.load_state_dict(doc["state_dict"])
-    return doc, model.eval(), schema
+def _safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes that are the same for the same tensors and metadata.
+
+    safetensors keeps ``__metadata__`` in a hash map whose order changes from process to
+    process, so two identical runs would export different bytes. The JSON header (8-byte
+    little-endian length, then the header, space-padded) is rewritten with sorted keys:
+    the same characters in a fixed order, so its length, the padding and the tensor
+    offsets are unchanged, and ``safe_open`` reads it as before.
+    """
+    raw = safetensors_bytes(state, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    ordered = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(ordered) > size:
+        raise RuntimeError("safetensors header grew when its keys were sorted")  # not reachable: same characters
+    return raw[:8] + ordered.ljust(size, b" ") + raw[8 + size:]
 
 
 def export_model(run_dir: str | Path) -> list[str]:
     """Write the exports of ``run_dir/model.pt``; returns the names written."""
     run_dir = Path(run_dir)
-    doc, model, schema = load_run_model(run_dir)
-    spec = model_schema(doc, model, schema)
-    state = {k: v.detach().contiguous() for k, v in doc["state_dict"].items()}
-    write_atomic(run_dir / "model.safetensors", safetensors_bytes(state, metadata={
+    saved = ModelFile.load(run_dir / MODEL_FILE)
+    model, schema = saved.build(), saved.schema
+    spec = model_schema(saved, model)
+    state = {k: v.detach().contiguous() for k, v in saved.state_dict.items()}
+    write_atomic(run_dir / "model.safetensors", _safetensors(state, {
         "format": FORMAT, "model_sha256": spec["model_sha256"], "schema_sha256": spec["schema_sha256"]}))
     write_json_atomic(run_dir / "model_schema.json", spec)
     write_json_atomic(run_dir / "schema.json", schema.to_dict())
@@ -157,8 +163,7 @@ def finalise(recorder: RunRecorder, log: AuditLog) -> None:
 
     exports = export_model(recorder.dir)
     cards = write_model_card(recorder, log)
-    doc = torch.load(recorder.dir / MODEL_FILE, map_location="cpu", weights_only=True)
-    log.final(model_sha256=hash_arrays(doc["state_dict"]), files=[MODEL_FILE, *exports, *cards],
+    log.final(model_sha256=hash_arrays(ModelFile.load(recorder.dir / MODEL_FILE).state_dict), files=[MODEL_FILE, *exports, *cards],
               privacy=recorder.privacy_doc())
 
 

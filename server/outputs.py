@@ -21,11 +21,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from candor.common.atomic import json_safe, write_atomic, write_json_atomic
 from candor.common.config import RunConfig
+from candor.common.model_file import MODEL_FILE, ModelFile
 from candor.common.privacy import PRIVACY_UNIT, MechanismRecord, epsilon
 from candor.common.schema import Schema
 
@@ -132,17 +132,9 @@ class RunRecorder:
         self.write_tables()
         self._progress(server_round)
 
-    def save_model(self, arrays: ArrayRecord, name: str = "model.pt") -> None:
-        buffer = io.BytesIO()
-        torch.save({
-            "state_dict": arrays.to_torch_state_dict(),
-            "model": self.cfg.model,
-            "hidden": list(self.cfg.hidden_sizes),
-            "feature_names": self.feature_names,
-            "schema": self.schema.to_dict(),
-            "schema_sha256": self.schema.sha256(),
-        }, buffer)
-        write_atomic(self.dir / name, buffer.getvalue())
+    def save_model(self, arrays: ArrayRecord) -> None:
+        ModelFile(state_dict=arrays.to_torch_state_dict(), model=self.cfg.model, hidden=tuple(self.cfg.hidden_sizes),
+                  feature_names=tuple(self.feature_names), schema=self.schema).save(self.dir / MODEL_FILE)
 
     def metrics_doc(self) -> dict[str, Any]:
         rounds = []

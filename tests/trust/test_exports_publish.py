@@ -4,8 +4,11 @@ the shareable files and verifies on its own."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +157,22 @@ def test_exports_of_an_mlp_with_categorical_and_boolean_inputs(tmp_path):
     np.testing.assert_allclose(onnx_logits, expected, rtol=1e-5, atol=1e-6)
     assert spec["outputs"] == {"task": "multiclass", "logits": 3, "probability": "softmax(logits)",
                                "classes": ["a", "b", "c"]}
+
+
+def test_exports_of_the_same_model_are_byte_identical_across_processes(tmp_path):
+    """safetensors orders its metadata by a per-process hash seed; the export must not."""
+    schema = Schema.from_dict(MIXED)
+    encoder = Encoder(schema)
+    torch.manual_seed(0)
+    model = build_model("mlp", num_features=encoder.num_features, num_outputs=3, hidden=(8, 4))
+    outputs = []
+    for seed in ("1", "2", "3"):
+        run = tmp_path / seed
+        RunRecorder(run, cfg=RunConfig(hidden="8,4"), schema=schema,
+                    feature_names=encoder.feature_names).save_model(ArrayRecord(model.state_dict()))
+        subprocess.run([sys.executable, "-c", "import sys; from candor.server.export import export_model; "
+                        "export_model(sys.argv[1])", str(run)], check=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        outputs.append({name: (run / name).read_bytes() for name in ("model.pt", "model.safetensors")})
+    assert outputs[0] == outputs[1] == outputs[2]
+    with safe_open(tmp_path / "1" / "model.safetensors", "np") as f:
+        assert f.metadata()["format"] == "candor-model/1" and set(f.keys()) == set(model.state_dict())
