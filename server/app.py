@@ -18,11 +18,10 @@ from candor.common.errors import CandorError
 from candor.common.models import build_model
 from candor.common.schema import Schema
 
-from .audit import AuditedStrategy, AuditLog, load_private_key
-from .checks import UpdateChecks
+from .audit import AuditLog, load_private_key
 from .export import finalise
 from .outputs import PROGRESS, RunRecorder
-from .strategy import RecordingStrategy, build_strategy
+from .strategy import assemble, build_strategy
 
 logging.getLogger("flwr").propagate = False
 logger = logging.getLogger(__name__)
@@ -65,19 +64,8 @@ def main(grid: Grid, context: Context) -> None:
     audit = AuditLog(recorder.dir, audit_key, ephemeral=ephemeral)
     initial = ArrayRecord(model.state_dict())
     audit.start(run_id=str(context.run_id), cfg=cfg, schema=schema, initial=initial)
-    inner = build_strategy(cfg)
-    if cfg.secure_aggregation:  # the server learns only the weighted sum of the updates (server/secagg.py)
-        from .secagg import SecureAggregation
-
-        inner = SecureAggregation.from_config(inner, cfg, log_path=recorder.dir / "secure_aggregation.json")
-        logger.info("%s secure aggregation (SecAgg+): the coordinator sees only the weighted sum of the "
-                    "site updates", PROGRESS)
-    else:  # plain mode: every update is checked before aggregation (server/checks.py)
-        inner = UpdateChecks(inner, max_update_norm=cfg.max_update_norm, on_reject=recorder.rejected)
-    strategy = AuditedStrategy(RecordingStrategy(inner, recorder), audit, recorder,
-                               secure_aggregation=cfg.secure_aggregation)
-    if cfg.secure_aggregation:
-        inner.on_aggregate = strategy.on_aggregate  # the signed log pins each round's secure aggregate
+    # audit > recording > secure aggregation or update checks > FedAvg-family (server/strategy.py)
+    strategy = assemble(cfg, build_strategy(cfg), recorder=recorder, audit=audit)
     shared = ConfigRecord({"schema-sha256": schema.sha256()})
     logger.info("%s run %s: %d rounds, strategy %s, DP %s%s, schema %s", PROGRESS, context.run_id,
                 cfg.num_server_rounds, cfg.strategy, "on" if cfg.dp else "OFF",

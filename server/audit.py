@@ -5,11 +5,13 @@ Format (hash chain, Ed25519 signatures, strict reader): :mod:`common.auditlog`. 
 - ``start``: the run id, the resolved run config, the app code's hash
   (:func:`code_sha256`), the schema's sha256, the initial model's hash, and the signing
   key (fingerprint, and whether it is ephemeral);
-- ``round``, one per round: the hash of the model sent, every update received (site,
-  ``common.hashing.hash_arrays`` of the update, the privacy spending and mechanism the
-  site reported), the sites aggregated, the updates rejected by the checks
+- ``round``, one per round (written by :class:`~candor.server.audited.AuditedStrategy`,
+  the outermost layer of the run's strategy): the hash of the model sent, every update
+  received (site, ``common.hashing.hash_arrays`` of the update, the privacy spending and
+  mechanism the site reported), the sites aggregated, the updates rejected by the checks
   (``server.checks``) and the refusals, whether secure aggregation hid the individual
-  updates (then only the aggregate's hash is known), and the resulting global model's
+  updates (then only the aggregate's hash is known, the same ``hash_arrays`` value as
+  ``secure_aggregation.json``'s ``aggregate_sha256``), and the resulting global model's
   hash;
 - ``final``: the final model's hash, the sha256 of every file the run publishes (model,
   exports, model card) and each site's privacy (ε, δ, accountant, mechanism history,
@@ -40,9 +42,7 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.app import ArrayRecord, Message
 
 from candor.common.atomic import json_safe, write_atomic
 from candor.common.auditlog import GENESIS, AuditLogError, entry_hash, key_fingerprint, load_public_key, read_log, sign_entry
@@ -51,7 +51,10 @@ from candor.common.errors import ConfigError
 from candor.common.hashing import canonical_json, hash_arrays, sha256_file
 from candor.common.schema import Schema
 
-from .outputs import RunRecorder, site_of
+from .outputs import site_of
+
+__all__ = ["APP_ROOT", "AUDIT_LOG", "PUBLIC_KEY", "AuditLog", "code_sha256", "describe_update", "load_private_key",
+           "public_pem", "verify_run", "write_private_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +167,31 @@ class AuditLog:
             "audit_key": {"algorithm": "ed25519", "sha256": self.fingerprint, "ephemeral": self.ephemeral},
         })
 
+    def round(self, server_round: int, *, sent_model_sha256: str, updates: list[dict[str, Any]],
+              rejected: list[dict[str, Any]], refusals: list[dict[str, Any]], global_model_sha256: str,
+              secure_aggregation: bool, aggregate_sha256: str | None = None) -> None:
+        """Append the ``round`` entry. ``updates`` are :func:`describe_update` of every reply
+        without an error, rejected ones included; ``rejected`` and ``refusals`` are the run
+        recorder's lists for the round. With ``secure_aggregation`` no update hash is kept
+        (none was seen) and ``aggregate_sha256`` pins the secure aggregate instead."""
+        updates = sorted(({**u} for u in updates), key=lambda u: u["site"])
+        rejected_sites = {r["site"] for r in rejected}
+        body: dict[str, Any] = {
+            "round": server_round,
+            "sent_model_sha256": sent_model_sha256,
+            "secure_aggregation": secure_aggregation,
+            "sites": [u["site"] for u in updates if u["site"] not in rejected_sites],
+            "updates": updates,
+            "rejected": rejected,
+            "refusals": refusals,
+            "global_model_sha256": global_model_sha256,
+        }
+        if secure_aggregation:
+            for u in updates:
+                u.pop("sha256", None)
+            body["aggregate_sha256"] = aggregate_sha256
+        self.append("round", body)
+
     def final(self, *, model_sha256: str, files: Iterable[str], privacy: dict[str, Any]) -> None:
         self.append("final", {
             "model_sha256": model_sha256,
@@ -173,8 +201,9 @@ class AuditLog:
         })
 
 
-def _update(msg: Message) -> dict[str, Any]:
-    """What the log keeps of one training reply."""
+def describe_update(msg: Message) -> dict[str, Any]:
+    """What the log keeps of one training reply: site, ``hash_arrays`` of its update (or
+    ``None`` if it carries no single ArrayRecord), and the privacy it reported."""
     arrays = list(msg.content.array_records.values())
     metrics = next(iter(msg.content.metric_records.values()), {})
     ident = msg.content.config_records.get("candor", {})
@@ -183,68 +212,6 @@ def _update(msg: Message) -> dict[str, Any]:
         privacy["accountant"] = str(ident["accountant"])
     return {"site": site_of(msg), "sha256": hash_arrays(arrays[0]) if len(arrays) == 1 else None,
             "privacy": privacy or None}
-
-
-class AuditedStrategy(Strategy):
-    """Delegates to ``inner``; appends one signed ``round`` entry to ``log`` per round.
-
-    Put it outermost: it hashes each update before the strategies inside see it (some,
-    like FedMedian, consume the replies' arrays). Rejections are read from ``recorder``'s
-    round entry, where :class:`server.checks.UpdateChecks` reports them. With
-    ``secure_aggregation`` the individual updates are never seen: the entry has no
-    per-update hashes, and :meth:`on_aggregate` (SecureAggregation's hook) supplies the
-    aggregate's.
-    """
-
-    def __init__(self, inner: Strategy, log: AuditLog, recorder: RunRecorder, *,
-                 secure_aggregation: bool = False) -> None:
-        self.inner = inner
-        self.log = log
-        self.recorder = recorder
-        self.secure_aggregation = secure_aggregation
-        self._sent = ""
-        self._aggregate: str | None = None
-
-    def summary(self) -> None:
-        self.inner.summary()
-
-    def on_aggregate(self, server_round: int, arrays: ArrayRecord, info: dict[str, Any]) -> None:
-        self._aggregate = hash_arrays(arrays)
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self._sent = hash_arrays(arrays)
-        self._aggregate = None
-        return self.inner.configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        updates = sorted((_update(m) for m in replies if not m.has_error()), key=lambda u: u["site"])
-        arrays, metrics = self.inner.aggregate_train(server_round, replies)
-        entry = self.recorder.rounds.get(server_round, {})
-        rejected = entry.get("rejected", [])
-        rejected_sites = {r["site"] for r in rejected}
-        body: dict[str, Any] = {
-            "round": server_round,
-            "sent_model_sha256": self._sent,
-            "secure_aggregation": self.secure_aggregation,
-            "sites": [u["site"] for u in updates if u["site"] not in rejected_sites],
-            "updates": updates,
-            "rejected": rejected,
-            "refusals": entry.get("refusals", []),
-            "global_model_sha256": hash_arrays(arrays) if arrays is not None else self._sent,
-        }
-        if self.secure_aggregation:
-            for u in updates:
-                u.pop("sha256")
-            body["aggregate_sha256"] = self._aggregate
-        self.log.append("round", body)
-        return arrays, metrics
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 # --- verifying ------------------------------------------------------------------------------

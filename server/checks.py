@@ -1,6 +1,7 @@
 """Checks on every received update before it is aggregated.
 
-:class:`UpdateChecks` wraps any Message-API strategy. It remembers the global model it
+:class:`UpdateChecks` wraps any Message-API strategy (a
+:class:`~candor.server.wrapper.StrategyWrapper`). It remembers the global model it
 sent in ``configure_train`` and, in ``aggregate_train``, passes on only the replies whose
 update
 
@@ -13,7 +14,9 @@ and whose one MetricRecord has a finite ``num-examples`` > 0 (the aggregation we
 Every other reply is rejected: logged with the site's name, reported through
 ``on_reject(round, site, reason)`` (the run recorder puts it in ``metrics.json``), and the
 round goes on without it. Under secure aggregation the server never sees an individual
-update, so these checks can only see the aggregate (docs/trust.md).
+update: :class:`UpdateChecks` refuses to wrap a layer that hides them
+(:class:`~candor.server.wrapper.HidesUpdates`), and the run has no per-update checks
+(docs/trust.md).
 """
 
 from __future__ import annotations
@@ -28,7 +31,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from candor.common.errors import message
+
 from .outputs import PROGRESS, site_of
+from .wrapper import HidesUpdates, StrategyWrapper, layers
+
+__all__ = ["UpdateChecks", "check_update"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,22 +74,29 @@ def check_update(msg: Message, sent: dict[str, np.ndarray], *, max_update_norm: 
     return None
 
 
-class UpdateChecks(Strategy):
-    """Delegates to ``inner``; drops the updates :func:`check_update` rejects."""
+class UpdateChecks(StrategyWrapper):
+    """Delegates to ``inner``; drops the updates :func:`check_update` rejects.
+
+    Raises:
+        TypeError: a layer inside ``inner`` hides the individual updates (secure
+            aggregation): there would be nothing to check.
+    """
 
     def __init__(self, inner: Strategy, *, max_update_norm: float = 0.0,
                  on_reject: Callable[[int, str, str], None] = lambda r, site, reason: None) -> None:
-        self.inner = inner
+        super().__init__(inner)
+        hiding = [type(layer).__name__ for layer in layers(inner) if isinstance(layer, HidesUpdates)]
+        if hiding:
+            raise TypeError(message("UpdateChecks(inner)", "checks each site's update, so it cannot wrap a layer "
+                                    "that hides them from the server", got=hiding[0],
+                                    fix="Under secure aggregation the updates cannot be checked (docs/trust.md)."))
         self.max_update_norm = max_update_norm
         self.on_reject = on_reject
         self._sent: dict[str, np.ndarray] = {}
 
-    def summary(self) -> None:
-        self.inner.summary()
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._sent = {key: arrays[key].numpy() for key in arrays}
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         checked = [(msg, check_update(msg, self._sent, max_update_norm=self.max_update_norm))
@@ -100,10 +115,4 @@ class UpdateChecks(Strategy):
             site = site_of(msg)
             logger.warning("%s round %d: rejected the update of site '%s': %s", PROGRESS, server_round, site, reason)
             self.on_reject(server_round, site, reason)
-        return self.inner.aggregate_train(server_round, accepted)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
+        return super().aggregate_train(server_round, accepted)

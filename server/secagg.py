@@ -1,7 +1,8 @@
 """Secure aggregation: the server learns only the weighted sum of the sites' updates.
 
 :class:`SecureAggregation` wraps a FedAvg-family Message-API strategy (FedAvg, FedProx,
-FedAdam) and runs every training round as Flower's SecAgg+ protocol (Bell et al., CCS
+FedAdam; a :class:`~candor.server.wrapper.StrategyWrapper` that refuses any other) and
+runs every training round as Flower's SecAgg+ protocol (Bell et al., CCS
 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead"; Bonawitz et al.,
 CCS 2017). The sites run Flower's own ``secaggplus_mod`` (see client/secagg.py); this module
 is the server half, written against the Message API instead of Flower's legacy
@@ -22,7 +23,7 @@ Stages 0-1 run inside :meth:`configure_train`, which returns the stage-2 message
 ``Strategy.start`` sends them like any training round (same timeout); stage 3 runs inside
 :meth:`aggregate_train`, which then hands ONE message carrying the securely computed
 weighted mean to the wrapped strategy's ``aggregate_train``. The wrapped strategy (and
-any recording wrapper outside this one) never receives a site's update: a site's reply
+the recording and audit layers outside this one) never receives a site's update: a site's reply
 carries only the masked vector, its clear metrics (num-examples, ε, δ, σ, q, steps,
 train-loss) and its ``candor`` ConfigRecord (site name, accountant, mechanism history).
 
@@ -36,6 +37,11 @@ moves each coordinate of each site's value by less than one step ``2c / Q``; the
 are exact up to ``M / (2 Q n_i)`` relative. Values that clip (``n_i |Δ_i| > c M``) are
 counted by the site and reported as the metric ``secagg-clipped``.
 
+Each round's record in ``secure_aggregation.json`` pins the aggregate by
+``candor.common.hashing.hash_arrays`` (``aggregate_sha256``); the audit layer outside asks
+for the same value through :meth:`SecureAggregation.aggregate_sha256`
+(:class:`~candor.server.wrapper.HidesUpdates`), so both files name the aggregate alike.
+
 Security notes (see docs/secure_aggregation.md): honest-but-curious server; a secret is
 rebuilt only from a strict majority of its holders; at least 3 sites per round and at
 least ``threshold`` (>= 2) masked vectors in every sum.
@@ -43,12 +49,11 @@ least ``threshold`` (>= 2) masked vectors in every sum.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -62,21 +67,27 @@ from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from candor.common.atomic import write_json_atomic
 from candor.common.config import RunConfig
-from candor.common.errors import CandorError
+from candor.common.errors import CandorError, message
+from candor.common.hashing import hash_arrays
+
+from .wrapper import StrategyWrapper
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SecureAggregation", "SecureAggregationError", "arrays_sha256", "error_bound", "num_shares_for",
+__all__ = ["MIN_SITES", "RECORD_FILE", "SecureAggregation", "SecureAggregationError", "error_bound", "num_shares_for",
            "rounding_bound", "threshold_for", "weight_shift"]
 
 MODULUS_RANGE = 2**32  # mask modulus; Flower's pseudo_rand_gen draws masks below it
 WEIGHT_KEY = "num-examples"  # the clear weight every site reports
 CLIPPED_KEY = "secagg-clipped"  # coordinates a site had to clip to the clipping range
+RECORD_FILE = "secure_aggregation.json"  # the per-round record, in the run directory
+MIN_SITES = 3  # with 2 sites in a sum, each could subtract its own update from it
+MEAN_STRATEGIES = (FedAvg, FedProx, FedAdam)  # their aggregate is FedAvg's weighted mean (then a server step)
 
 
 class SecureAggregationError(CandorError):
@@ -151,12 +162,14 @@ class _Round:
     dropped: dict[str, list[int]] = field(default_factory=dict)
 
 
-class SecureAggregation(Strategy):
+class SecureAggregation(StrategyWrapper):
     """Runs the training rounds of ``inner`` (FedAvg, FedProx or FedAdam) as SecAgg+.
 
     Args:
         inner: the Message-API strategy that samples sites, configures training and turns
-            the (securely computed) mean into the next global model.
+            the (securely computed) mean into the next global model. It must be the
+            aggregation strategy itself (a layer between would see only the mean), one of
+            FedAvg, FedProx, FedAdam, sampling at least :data:`MIN_SITES` sites.
         num_shares: neighbours each site secret-shares with (itself included): a fraction
             in (0, 1] of the sampled sites, or a count >= 3.
         reconstruction_threshold: a secret is rebuilt from more than this fraction of its
@@ -166,21 +179,33 @@ class SecureAggregation(Strategy):
         quantization_range: Q levels per coordinate; (sites in a round) x Q < 2^32.
         timeout: seconds to wait for the replies of each key-exchange and unmask stage.
         log_path: where the per-round record (``secure_aggregation.json``) is written.
-        on_aggregate: called as ``on_aggregate(round, arrays, info)`` with the securely
-            computed mean (the only model-sized value the server sees) and the round's
-            record; the audit trail's hook (e.g. to log the aggregate's hash).
+
+    Raises:
+        TypeError: ``inner`` is a wrapper, or not one of FedAvg, FedProx, FedAdam.
+        ValueError: ``inner`` may sample fewer than 3 sites, or ``quantization_range`` is
+            outside (0, 2^31).
     """
 
     def __init__(self, inner: Strategy, *, num_shares: float = 1.0, reconstruction_threshold: float = 0.5,
                  clipping_range: float = 8.0, max_weight: float = 1000.0, quantization_range: int = 2**22,
-                 timeout: float | None = None, log_path: Any = None,
-                 on_aggregate: Callable[[int, ArrayRecord, dict[str, Any]], None] | None = None) -> None:
+                 timeout: float | None = None, log_path: Any = None) -> None:
+        super().__init__(inner)
+        if type(inner) not in MEAN_STRATEGIES:
+            raise TypeError(message(
+                "SecureAggregation(inner)", "must wrap the aggregation strategy itself, one of "
+                + ", ".join(t.__name__ for t in MEAN_STRATEGIES) + ": the server learns only the weighted mean of "
+                "the updates, and a layer between would see only that mean", got=type(inner).__name__,
+                fix="Put other layers outside it (candor.server.strategy.assemble)."))
+        floor = min(inner.min_train_nodes, inner.min_available_nodes)
+        if floor < MIN_SITES:
+            raise ValueError(message(
+                "SecureAggregation(inner)", f"secure aggregation needs at least {MIN_SITES} sites per round (with 2, "
+                "each site could subtract its own update from the sum): the inner strategy's min_train_nodes and "
+                "min_available_nodes must be >= 3", got=floor,
+                fix="Build it with candor.server.strategy.build_strategy, which raises 'min-sites' to 3."))
         if not 0 < quantization_range < 2**31:
-            raise ValueError(f"quantization_range must be in (0, 2^31); got {quantization_range}")
-        self.inner = inner
-        for attr in ("min_train_nodes", "min_available_nodes"):  # a secure sum needs >= 3 sites (see configure_train)
-            if getattr(inner, attr, 3) < 3:
-                setattr(inner, attr, 3)
+            raise ValueError(message("SecureAggregation(quantization_range)", "must be in (0, 2^31)",
+                                     got=quantization_range))
         self.num_shares = num_shares
         self.reconstruction_threshold = reconstruction_threshold
         self.clipping_range = float(clipping_range)
@@ -188,7 +213,6 @@ class SecureAggregation(Strategy):
         self.quantization_range = int(quantization_range)
         self.timeout = timeout
         self.log_path = log_path
-        self.on_aggregate = on_aggregate
         self.records: list[dict[str, Any]] = []
         self._grid: Grid | None = None
         self._round: _Round | None = None
@@ -199,30 +223,28 @@ class SecureAggregation(Strategy):
                    clipping_range=cfg.secagg_clipping_range, max_weight=cfg.secagg_max_weight,
                    quantization_range=cfg.secagg_quantization_range, timeout=cfg.round_timeout, **kwargs)
 
-    # --- delegated --------------------------------------------------------------
     def summary(self) -> None:
         logger.info("SecAgg+ over %s: shares %s, threshold > %s of them, c = %g, M = %g, Q = %d",
                     type(self.inner).__name__, self.num_shares, self.reconstruction_threshold,
                     self.clipping_range, self.max_weight, self.quantization_range)
-        self.inner.summary()
+        super().summary()
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
+    def aggregate_sha256(self, server_round: int) -> str | None:
+        """``hash_arrays`` of the secure mean of ``server_round`` (its record's
+        ``aggregate_sha256``), or ``None`` if the round was skipped. The audit layer's
+        question (:class:`~candor.server.wrapper.HidesUpdates`)."""
+        return next((r.get("aggregate_sha256") for r in reversed(self.records) if r["round"] == server_round), None)
 
     # --- stages 0 and 1, then the stage-2 (training) messages -------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._grid = grid
-        train = {m.metadata.dst_node_id: m for m in self.inner.configure_train(server_round, arrays, config, grid)}
+        train = {m.metadata.dst_node_id: m for m in super().configure_train(server_round, arrays, config, grid)}
         self._round = rnd = _Round(number=server_round, arrays=arrays, train=train)
         if not train:
             return []
         sampled = list(train)
-        if len(sampled) < 3:
+        if len(sampled) < MIN_SITES:
             raise SecureAggregationError(
                 f"secure aggregation needs at least 3 sites per round (with 2, each site could subtract "
                 f"its own update from the sum); round {server_round} sampled {len(sampled)}. Raise "
@@ -362,7 +384,7 @@ class SecureAggregation(Strategy):
         carrier = Message(content=RecordDict({"arrays": aggregate,
                                               "metrics": MetricRecord({WEIGHT_KEY: sum(clear.values())})}),
                           dst_node_id=0, message_type=MessageType.TRAIN)
-        arrays, _ = self.inner.aggregate_train(server_round, [carrier])
+        arrays, _ = super().aggregate_train(server_round, [carrier])
         metrics = self._train_metrics(replies)
         clipped = {nid: int(masked[nid].content.metric_records["metrics"].get(CLIPPED_KEY, 0)) for nid in summed}
         if any(clipped.values()):
@@ -375,10 +397,10 @@ class SecureAggregation(Strategy):
 
     # --- helpers ------------------------------------------------------------------------
     def _train_metrics(self, replies: list[Message]) -> MetricRecord | None:
-        aggr = getattr(self.inner, "train_metrics_aggr_fn", None)
-        if aggr is None or not replies:
+        """The inner strategy's aggregate of the sites' clear metrics."""
+        if not replies:
             return None
-        return aggr([m.content for m in replies], getattr(self.inner, "weighted_by_key", WEIGHT_KEY))
+        return self.inner.train_metrics_aggr_fn([m.content for m in replies], self.inner.weighted_by_key)
 
     def _exchange(self, rnd: _Round, stage: str, records: dict[int, ConfigRecord]) -> dict[int, ConfigRecord]:
         """Send one stage's records; the SecAgg+ replies of the sites that answered."""
@@ -433,23 +455,12 @@ class SecureAggregation(Strategy):
                 quantization_range=self.quantization_range)
             info["weight_shift"] = weight_shift(list(weights.values()), max_weight=self.max_weight,
                                                 quantization_range=self.quantization_range)
-            info["aggregate_sha256"] = arrays_sha256(aggregate)
+            info["aggregate_sha256"] = hash_arrays(aggregate)
         if note:
             info["note"] = note
         self.records.append(info)
         if self.log_path is not None:
             write_json_atomic(self.log_path, {"protocol": "SecAgg+ (Flower secaggplus_mod, Candor server)",
                                               "rounds": self.records})
-        if aggregate is not None and self.on_aggregate is not None:
-            self.on_aggregate(rnd.number, aggregate, info)
         self._round = None
 
-
-def arrays_sha256(arrays: ArrayRecord) -> str:
-    """SHA-256 over the arrays' names, dtypes, shapes and bytes, in record order."""
-    h = hashlib.sha256()
-    for key in arrays:
-        a = np.ascontiguousarray(arrays[key].numpy())
-        h.update(f"{key}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()

@@ -1,23 +1,37 @@
-"""Strategy assembly, and the recording wrapper that sees every reply.
+"""The run's strategy: Flower's aggregation strategy, and the stack of layers around it.
 
-``RecordingStrategy`` wraps any Message-API strategy (FedAvg, FedProx, FedAdam, ...):
-it delegates every decision to the wrapped strategy and hands each reply, with the
-site name the reply carries, to the :class:`~server.outputs.RunRecorder`.
+:func:`build_strategy` builds the aggregation strategy the run config names (FedAvg,
+FedProx, FedAdam, FedMedian, FedTrimmedAvg, Krum). :func:`assemble` wraps it in Candor's
+layers, each a :class:`~candor.server.wrapper.StrategyWrapper` that adds one capability;
+this is the one place their order is fixed, outermost first::
+
+    AuditedStrategy      hashes every reply as it arrives; one signed entry per round
+    RecordingStrategy    every reply to metrics.json / privacy.json; replies in site order
+    SecureAggregation    (secure-aggregation = true) the server sees only the weighted mean
+      or UpdateChecks    (otherwise) drops malformed, non-finite or too-large updates
+    FedAvg, FedProx, ... the aggregation strategy
+
+Flower's ``Strategy.start`` drives the outermost layer, which calls the next one down.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from candor.common.config import RunConfig
 
-from .outputs import RunRecorder, site_of
+from .audit import AuditLog
+from .audited import AuditedStrategy
+from .checks import UpdateChecks
+from .outputs import PROGRESS, RunRecorder
+from .recording import RecordingStrategy
+from .secagg import MIN_SITES, RECORD_FILE, SecureAggregation
+
+__all__ = ["assemble", "build_strategy", "nan_aware_mean"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +52,18 @@ def nan_aware_mean(records: list[RecordDict], weighting_key: str) -> MetricRecor
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
+    """Flower's aggregation strategy named by ``cfg.strategy``, with the run's sampling.
+
+    Training waits for ``min-sites`` sites; with secure aggregation for at least
+    :data:`~candor.server.secagg.MIN_SITES` (3), which a secure sum needs.
+    """
+    min_train = max(cfg.min_sites, MIN_SITES) if cfg.secure_aggregation else cfg.min_sites
     common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=1.0,
-        min_train_nodes=cfg.min_sites,
+        min_train_nodes=min_train,
         min_evaluate_nodes=cfg.min_sites,
-        min_available_nodes=cfg.min_sites,
+        min_available_nodes=min_train,
         train_metrics_aggr_fn=nan_aware_mean,
         evaluate_metrics_aggr_fn=nan_aware_mean,
     )
@@ -60,37 +80,21 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     return FedAvg(**common)
 
 
-class RecordingStrategy(Strategy):
-    """Delegates to ``inner``; records every reply with ``recorder``."""
+def assemble(cfg: RunConfig, inner: Strategy, *, recorder: RunRecorder, audit: AuditLog) -> Strategy:
+    """The run's strategy: ``inner`` (from :func:`build_strategy`) in Candor's layers.
 
-    def __init__(self, inner: Strategy, recorder: RunRecorder) -> None:
-        self.inner = inner
-        self.recorder = recorder
-
-    def summary(self) -> None:
-        self.inner.summary()
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self.recorder.sampled(server_round, len(messages))
-        return messages
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        for msg in replies:
-            self.recorder.train_reply(server_round, msg)
-        # A fixed order (by site) makes the floating-point sums, hence seeded runs, reproducible.
-        return self.inner.aggregate_train(server_round, sorted(
-            (m for m in replies if not m.has_error()), key=site_of))
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
-        for msg in replies:
-            self.recorder.evaluate_reply(server_round, msg)
-        aggregate = self.inner.aggregate_evaluate(server_round, sorted(
-            (m for m in replies if not m.has_error()), key=site_of))
-        self.recorder.evaluate_aggregate(server_round, aggregate)
-        return aggregate
+    Outermost first: audit (:class:`~candor.server.audited.AuditedStrategy`), recording
+    (:class:`~candor.server.recording.RecordingStrategy`), then secure aggregation
+    (:class:`~candor.server.secagg.SecureAggregation`, writing ``secure_aggregation.json``
+    in the run directory) if ``cfg.secure_aggregation``, else the update checks
+    (:class:`~candor.server.checks.UpdateChecks`, reporting rejections to ``recorder``),
+    then ``inner``. The audit layer learns the secure aggregate's hash by asking the
+    layers inside it (:class:`~candor.server.wrapper.HidesUpdates`).
+    """
+    if cfg.secure_aggregation:
+        guarded: Strategy = SecureAggregation.from_config(inner, cfg, log_path=recorder.dir / RECORD_FILE)
+        logger.info("%s secure aggregation (SecAgg+): the coordinator sees only the weighted sum of the "
+                    "site updates", PROGRESS)
+    else:
+        guarded = UpdateChecks(inner, max_update_norm=cfg.max_update_norm, on_reject=recorder.rejected)
+    return AuditedStrategy(RecordingStrategy(guarded, recorder), audit, recorder)

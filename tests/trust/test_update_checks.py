@@ -16,10 +16,11 @@ from candor.common.config import RunConfig
 from candor.common.encoding import Encoder
 from candor.common.hashing import hash_arrays
 from candor.common.schema import Schema
-from candor.server.audit import AuditedStrategy, AuditLog
+from candor.server.audit import AuditLog
+from candor.server.audited import AuditedStrategy
 from candor.server.checks import UpdateChecks
 from candor.server.outputs import RunRecorder
-from candor.server.strategy import RecordingStrategy
+from candor.server.recording import RecordingStrategy
 from candor.common.demo import DEMO_SCHEMA_PATH
 
 GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}

@@ -1,0 +1,56 @@
+"""The recording layer: every reply, with the site name it carries, goes to the run recorder.
+
+:class:`RecordingStrategy` wraps any Message-API strategy (FedAvg, FedProx, FedAdam, ...,
+or a wrapper of one) and hands each training and evaluation reply to the
+:class:`~candor.server.outputs.RunRecorder` (``metrics.json``, ``privacy.json``). It also
+passes the inner strategy the replies without errors, in a fixed order (by site name):
+floating-point sums then do not depend on the order replies arrived in, so seeded runs
+are reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from .outputs import RunRecorder, site_of
+from .wrapper import StrategyWrapper
+
+__all__ = ["RecordingStrategy"]
+
+
+class RecordingStrategy(StrategyWrapper):
+    """Delegates to ``inner``; records every reply with ``recorder``."""
+
+    def __init__(self, inner: Strategy, recorder: RunRecorder) -> None:
+        super().__init__(inner)
+        self.recorder = recorder
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.recorder.sampled(server_round, len(messages))
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for msg in replies:
+            self.recorder.train_reply(server_round, msg)
+        return super().aggregate_train(server_round, _in_site_order(replies))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        for msg in replies:
+            self.recorder.evaluate_reply(server_round, msg)
+        aggregate = super().aggregate_evaluate(server_round, _in_site_order(replies))
+        self.recorder.evaluate_aggregate(server_round, aggregate)
+        return aggregate
+
+
+def _in_site_order(replies: list[Message]) -> list[Message]:
+    """The replies without errors, sorted by site name."""
+    return sorted((m for m in replies if not m.has_error()), key=site_of)
