@@ -1,11 +1,13 @@
-"""Secure aggregation at a site: Flower's ``secaggplus_mod`` around Candor's train handler.
+"""Secure aggregation at a site: a Flower mod on the site's train function.
 
 With ``secure-aggregation = true`` the server (server/secagg.py) sends every training
 round as the four SecAgg+ stages, all as ``train`` messages carrying a
-``secaggplus_configs`` ConfigRecord. :func:`handle` passes them to Flower's
-``secaggplus_mod`` unchanged; at the "collect masked vectors" stage the mod calls back
-into Candor's ordinary train handler (DP-SGD, ledger append, the reply with the site's
-metrics), and this module turns that Message-API reply into what the mod masks:
+``secaggplus_configs`` ConfigRecord. :func:`secagg_mod` is the mod the ClientApp attaches
+to its train function only (``@app.train(mods=[secagg_mod])``: app-wide mods break
+evaluate replies). It passes each stage to Flower's own ``secaggplus_mod``; at the
+"collect masked vectors" stage that mod calls back into the site's ordinary train
+function (``call_next``: DP-SGD, ledger append, the reply with the site's metrics), and
+this module turns that Message-API reply into what the mod masks:
 
 - the update is the model delta ``local - global`` in float64 (not the model: deltas are
   small, so they stay inside the clipping range), in the order of the global model's keys;
@@ -18,21 +20,19 @@ the number of coordinates the site had to clip) and the ``candor`` ConfigRecord 
 name, accountant, mechanism history). A site that refuses to train (budget, schema) answers
 with its refusal; the server treats it as a dropout and removes its masks.
 
-Test-only: with ``CANDOR_SECAGG_TEST_DUMP=DIR`` in a site's environment, the site also
-writes the plaintext update it masked to ``DIR/<site>-round<r>.npz`` on its own disk, so
-that a test can recompute plaintext FedAvg. Never set it in a deployment.
+A training request that is not a SecAgg+ stage is passed on unchanged when the run has
+``secure-aggregation = false``, and refused when it has ``true``: the site never sends its
+update in the clear to a run that promised secure aggregation.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
@@ -40,31 +40,50 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from candor.common.config import RunConfig
 from candor.common.errors import CandorError, ConfigError
 
+from .context import refusal
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["handle", "is_stage", "plain_training_refused"]
+__all__ = ["secagg_mod"]
 
-TEST_DUMP_ENV = "CANDOR_SECAGG_TEST_DUMP"
 CLIPPED_KEY = "secagg-clipped"
 KEEP = ("metrics", "candor", RECORD_KEY_CONFIGS)  # everything else is dropped from the reply
 
-TrainHandler = Callable[[Message, Context], Message]
-
 
 class _Refused(Exception):
-    """The train handler answered with an error (e.g. a budget refusal)."""
+    """The train function answered with an error (e.g. a budget refusal)."""
 
     def __init__(self, reply: Message) -> None:
         super().__init__(reply.error.reason)
         self.reply = reply
 
 
-def is_stage(msg: Message) -> bool:
-    """Whether ``msg`` is a SecAgg+ stage message."""
-    return RECORD_KEY_CONFIGS in msg.content.config_records
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower mod for the site's train function: answer SecAgg+ stages, refuse clear updates.
+
+    ``call_next`` is the site's ordinary Message-API train function; it runs once per
+    secure round, at the "collect masked vectors" stage, on the training request as the
+    server's strategy built it (with the SecAgg+ ConfigRecord beside it, which it ignores).
+    """
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        refused = _plain_training_refused(context)
+        return call_next(msg, context) if refused is None else refusal(msg, refused)
+
+    def masked_update(inner_msg: Message, ctx: Context) -> Message:
+        reply = call_next(inner_msg, ctx)
+        if reply.has_error():
+            raise _Refused(reply)
+        return _as_fitres(inner_msg, reply, ctx)
+
+    try:
+        out = secaggplus_mod(msg, context, masked_update)
+    except _Refused as refused:
+        return Message(refused.reply.error, reply_to=msg)
+    content = RecordDict({k: out.content[k] for k in KEEP if k in out.content})
+    return Message(content=content, reply_to=msg)
 
 
-def plain_training_refused(context: Context) -> CandorError | None:
+def _plain_training_refused(context: Context) -> CandorError | None:
     """The refusal a site sends when a run with secure aggregation asks for a clear update."""
     try:
         secure = RunConfig.from_run_config(context.run_config).secure_aggregation
@@ -76,21 +95,18 @@ def plain_training_refused(context: Context) -> CandorError | None:
     return None
 
 
-def handle(msg: Message, context: Context, *, train: TrainHandler) -> Message:
-    """Answer one SecAgg+ stage; ``train`` is the site's ordinary Message-API train handler."""
+# --- until client/app.py attaches secagg_mod (issue 8): the calls of its old if-branch ---------
+def is_stage(msg: Message) -> bool:
+    """Whether ``msg`` is a SecAgg+ stage message. Transitional; use :func:`secagg_mod`."""
+    return RECORD_KEY_CONFIGS in msg.content.config_records
 
-    def call_next(inner_msg: Message, ctx: Context) -> Message:
-        reply = train(inner_msg, ctx)
-        if reply.has_error():
-            raise _Refused(reply)
-        return _as_fitres(inner_msg, reply, ctx)
 
-    try:
-        out = secaggplus_mod(msg, context, call_next)
-    except _Refused as refused:
-        return Message(refused.reply.error, reply_to=msg)
-    content = RecordDict({k: out.content[k] for k in KEEP if k in out.content})
-    return Message(content=content, reply_to=msg)
+def handle(msg: Message, context: Context, *, train: ClientAppCallable) -> Message:
+    """One SecAgg+ stage, ``train`` the site's train function. Transitional; use :func:`secagg_mod`."""
+    return secagg_mod(msg, context, train)
+
+
+plain_training_refused = _plain_training_refused  # transitional; secagg_mod applies it
 
 
 def _as_fitres(msg: Message, reply: Message, context: Context) -> Message:
@@ -105,7 +121,6 @@ def _as_fitres(msg: Message, reply: Message, context: Context) -> Message:
     if clipped:
         logger.warning("secure aggregation: %d coordinates of this site's weighted update exceed the clipping "
                        "range and are clipped; raise 'secagg-clipping-range' or 'secagg-max-weight'", clipped)
-    _dump_for_tests(reply, msg, delta, n)
     content = fitres_to_recorddict(
         FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(delta), num_examples=n, metrics={}),
         keep_input=False)
@@ -121,14 +136,3 @@ def _clipped(delta: list[np.ndarray], n: int, context: Context) -> int:
     ratio = round(n / m * q) / q
     return int(sum(np.count_nonzero(np.abs(d * ratio) > c) for d in delta))
 
-
-def _dump_for_tests(reply: Message, msg: Message, delta: list[np.ndarray], n: int) -> None:
-    target = os.environ.get(TEST_DUMP_ENV)
-    if not target:
-        return
-    site = str(reply.content["candor"].get("site", msg.metadata.dst_node_id))
-    r = int(msg.content["config"]["server-round"])
-    Path(target).mkdir(parents=True, exist_ok=True)
-    np.savez(Path(target) / f"{site}-round{r}.npz", num_examples=n, keys=np.array(list(msg.content["arrays"].keys())),
-             **{f"global_{i}": msg.content["arrays"][k].numpy() for i, k in enumerate(msg.content["arrays"])},
-             **{f"delta_{i}": d for i, d in enumerate(delta)})

@@ -16,13 +16,11 @@ def task_identity(monkeypatch):
 
 
 @pytest.fixture
-def loopback(monkeypatch):
-    """``loopback(sites, **kw)``: a LoopbackGrid whose sites train with ``FakeSite.train``
-    behind the real ``client.app.handle_train`` routing."""
-    from candor.client import app as client_app
+def loopback():
+    """``loopback(sites, **kw)``: a LoopbackGrid whose sites run ``secagg_mod`` around
+    ``FakeSite.train`` (secagg_grid.site_app)."""
 
     def make(sites: dict[int, FakeSite], **kwargs) -> LoopbackGrid:
-        monkeypatch.setattr(client_app, "_handle_plain_train", lambda msg, ctx: sites[ctx.node_id].train(msg, ctx))
         return LoopbackGrid(sites, **kwargs)
 
     return make

@@ -1,6 +1,7 @@
-"""An in-process Grid for the SecAgg+ tests: the real server wrapper talks to the real
-client bridge (``client.app.handle_train``), with every message serialised to protobuf
-bytes and back on the way, as on a SuperLink. Sites train by adding a fixed delta."""
+"""An in-process Grid for the SecAgg+ tests: the real server wrapper talks to a Flower
+ClientApp whose train function carries the real site mod (``candor.client.secagg.secagg_mod``),
+with every message serialised to protobuf bytes and back on the way, as on a SuperLink.
+Sites train by adding a fixed delta (:class:`FakeSite`: the mod's ``call_next``)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
 from flwr.serverapp import Grid
+
+from candor.client.secagg import secagg_mod
 
 SHAPES = {"0.weight": (8, 5), "0.bias": (8,), "2.weight": (1, 8), "2.bias": (1,)}
 
@@ -53,6 +57,18 @@ class FakeSite:
         return Message(content=content, reply_to=msg)
 
 
+def site_app(sites: dict[int, FakeSite]) -> ClientApp:
+    """A ClientApp as Candor's sites run it: ``secagg_mod`` on the train function only;
+    node ``i`` trains as ``sites[i]``."""
+    app = ClientApp()
+
+    @app.train(mods=[secagg_mod])
+    def train(msg: Message, context: Context) -> Message:
+        return sites[context.node_id].train(msg, context)
+
+    return app
+
+
 def stage_of(msg: Message) -> str:
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
     return str(configs[Key.STAGE]) if configs is not None else "plain"
@@ -66,7 +82,7 @@ def _wire(msg: Message) -> Message:
 
 
 class LoopbackGrid(Grid):
-    """Node ``i`` is ``sites[i]``; messages go to ``client.app.handle_train``.
+    """Node ``i`` is ``sites[i]``; messages go to ``app`` (default :func:`site_app`).
 
     ``drop`` maps a stage name ("setup", "share_keys", "collect_masked_vectors", "unmask")
     to the nodes that never answer it (a dropout). ``received`` holds every reply the
@@ -74,10 +90,8 @@ class LoopbackGrid(Grid):
     """
 
     def __init__(self, sites: dict[int, FakeSite], *, run_config: dict | None = None,
-                 drop: dict[str, set[int]] | None = None, tamper=None) -> None:
-        import candor.client.app
-
-        self.handle = client.app.handle_train
+                 drop: dict[str, set[int]] | None = None, tamper=None, app: ClientApp | None = None) -> None:
+        self.app = app or site_app(sites)
         self.sites = sites
         self.drop = drop or {}
         self.tamper = tamper
@@ -103,7 +117,7 @@ class LoopbackGrid(Grid):
                 continue
             arrived = _wire(msg)
             arrived.metadata.__dict__["_message_id"] = f"m{self._count}"
-            reply = _wire(self.handle(arrived, self.contexts[nid]))
+            reply = _wire(self.app(arrived, self.contexts[nid]))
             if self.tamper is not None:
                 reply = self.tamper(stage_of(msg), nid, reply) or reply
             self.received.append(reply)

@@ -1,5 +1,5 @@
-"""SecAgg+ between the real server wrapper (server/secagg.py) and the real client bridge
-(client/secagg.py behind client.app.handle_train), on an in-process grid.
+"""SecAgg+ between the real server wrapper (server/secagg.py) and the real site mod
+(client/secagg.py's secagg_mod on a ClientApp's train function), on an in-process grid.
 
 The reference is computed independently: Flower's own plaintext ``FedAvg.aggregate_train``
 on the sites' local models, and a float64 FedAvg of the same updates.
@@ -20,9 +20,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp.strategy import FedAvg
 from secagg_grid import FakeSite, initial_arrays, stage_of
 
+from candor.client.secagg import secagg_mod
 from candor.common.config import RunConfig
-from candor.server.secagg import SecureAggregation, SecureAggregationError, arrays_sha256, error_bound
-from candor.server.strategy import RecordingStrategy, build_strategy
+from candor.common.hashing import hash_arrays
+from candor.server.recording import RecordingStrategy
+from candor.server.secagg import SecureAggregation, SecureAggregationError, error_bound
+from candor.server.strategy import build_strategy
 
 NS = [120, 300, 45, 800, 77]
 
@@ -57,7 +60,6 @@ class Run:
     recorder: FakeRecorder
     models: dict[int, ArrayRecord]  # round -> global model after it (0 = initial)
     inner_calls: list[list[Message]] = field(default_factory=list)  # what the wrapped strategy aggregated
-    hooked: list[tuple[int, ArrayRecord, dict]] = field(default_factory=list)
 
 
 def run_secure(loopback, sites, *, rounds=1, strategy="fedavg", inner=None, drop=None, tamper=None, **secagg) -> Run:
@@ -75,7 +77,7 @@ def run_secure(loopback, sites, *, rounds=1, strategy="fedavg", inner=None, drop
         return original(server_round, replies)
 
     inner.aggregate_train = spy
-    run.secure = SecureAggregation.from_config(inner, cfg, on_aggregate=lambda *a: run.hooked.append(a))
+    run.secure = SecureAggregation.from_config(inner, cfg)
     RecordingStrategy(run.secure, run.recorder).start(
         grid=grid, initial_arrays=initial_arrays(), num_rounds=rounds, timeout=10,
         evaluate_fn=lambda r, arrays: run.models.__setitem__(r, arrays))
@@ -178,7 +180,8 @@ def test_server_never_receives_an_individual_update(loopback):
     # 2. The wrapped strategy (FedAvg's aggregation) is handed exactly one message: the secure mean.
     assert len(run.inner_calls) == 1 and len(run.inner_calls[0]) == 1
     (carrier,) = run.inner_calls[0]
-    assert arrays_sha256(carrier.content["arrays"]) == arrays_sha256(run.models[1]) == run.hooked[0][2]["aggregate_sha256"]
+    assert hash_arrays(carrier.content["arrays"]) == hash_arrays(run.models[1]) == run.secure.records[0]["aggregate_sha256"]
+    assert run.secure.aggregate_sha256(1) == run.secure.records[0]["aggregate_sha256"]  # what the audit layer asks
     assert carrier.content["metrics"]["num-examples"] == sum(NS)
     for s in sites.values():
         assert max_diff(as64(ArrayRecord({k: Array(v) for k, v in s.trained[1].items()})), run.models[1]) > 1e-3
@@ -190,20 +193,60 @@ def test_server_never_receives_an_individual_update(loopback):
         assert msg.content["metrics"]["epsilon"] == 1.25 and msg.content["metrics"]["secagg-clipped"] == 0
 
 
-def test_a_site_refuses_to_send_its_update_in_the_clear_when_the_run_is_secure(loopback):
+def plain_train_request(node: int = 3) -> Message:
+    msg = Message(RecordDict({"arrays": initial_arrays(), "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=node, message_type=MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = "x"
+    return msg
+
+
+def site_context(node: int = 3, **settings) -> "Context":
     from flwr.app import Context
+
+    return Context(run_id=1, node_id=node, node_config={}, state=RecordDict(),
+                   run_config=RunConfig(min_sites=3, **settings).to_run_config())
+
+
+def test_a_site_refuses_to_send_its_update_in_the_clear_when_the_run_is_secure():
+    from candor.client import app as client_app
+
+    def must_not_train(msg, ctx):
+        raise AssertionError("the train function ran on a clear request in a secure run")
+
+    # the mod itself, and the site's real ClientApp (whose train function carries it)
+    for reply in (secagg_mod(plain_train_request(), site_context(secure_aggregation=True), must_not_train),
+                  client_app.app(plain_train_request(), site_context(secure_aggregation=True))):
+        assert reply.has_error() and reply.error.code == client_app.REFUSED
+        assert "in the clear" in reply.error.reason
+
+
+def test_without_secure_aggregation_the_mod_passes_the_request_through_unchanged():
+    msg, ctx = plain_train_request(), site_context(secure_aggregation=False)
+    seen = []
+
+    def train(m, c):
+        seen.append((m, c))
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=m)
+
+    reply = secagg_mod(msg, ctx, train)
+    assert seen == [(msg, ctx)] and reply.content["metrics"]["num-examples"] == 1
+
+
+def test_the_sites_clientapp_answers_a_secagg_stage_with_its_public_keys():
+    """The real candor ClientApp routes a SecAgg+ stage to the protocol, not to plain training."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
     from candor.client import app as client_app
 
-    glob = initial_arrays()
-    msg = Message(RecordDict({"arrays": glob, "config": ConfigRecord({"server-round": 1})}), dst_node_id=3,
-                  message_type=MessageType.TRAIN)
+    setup = ConfigRecord({Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
+                          Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32,
+                          Key.MAX_WEIGHT: 1000.0})
+    msg = Message(RecordDict({RECORD_KEY_CONFIGS: setup}), dst_node_id=3, message_type=MessageType.TRAIN)
     msg.metadata.__dict__["_message_id"] = "x"
-    ctx = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(),
-                  run_config=RunConfig(secure_aggregation=True, min_sites=3).to_run_config())
-    reply = client_app.handle_train(msg, ctx)
-    assert reply.has_error() and reply.error.code == client_app.REFUSED
-    assert "in the clear" in reply.error.reason
+    reply = client_app.app(msg, site_context(secure_aggregation=True))
+    assert not reply.has_error()
+    keys = reply.content.config_records[RECORD_KEY_CONFIGS]
+    assert isinstance(keys[Key.PUBLIC_KEY_1], bytes) and isinstance(keys[Key.PUBLIC_KEY_2], bytes)
 
 
 # --- dropouts -------------------------------------------------------------------------------
@@ -268,9 +311,56 @@ def test_a_site_whose_clear_weight_differs_from_its_masked_weight_is_caught(loop
 
 
 def test_fewer_than_three_sites_are_refused(loopback):
+    # at construction: the wrapped strategy may sample fewer than 3 sites
+    with pytest.raises(ValueError, match="at least 3 sites"):
+        SecureAggregation(FedAvg(fraction_evaluate=0.0, min_available_nodes=2, min_train_nodes=2))
+    # in a round: a strategy that samples 2 sites anyway
     with pytest.raises(SecureAggregationError, match="at least 3 sites"):
-        inner = FedAvg(fraction_evaluate=0.0, min_available_nodes=2, min_train_nodes=2)
+        inner = FedAvg(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=3)
         secure = SecureAggregation(inner)
         secure.inner.min_available_nodes = secure.inner.min_train_nodes = 2  # bypass the wrapper's floor
         grid = loopback(make_sites(NS[:2]))
         secure.configure_train(1, initial_arrays(), ConfigRecord(), grid)
+
+
+def test_build_strategy_raises_min_sites_to_three_for_secure_aggregation():
+    cfg = RunConfig(secure_aggregation=True, min_sites=2)
+    inner = build_strategy(cfg)
+    assert inner.min_train_nodes == inner.min_available_nodes == 3
+    SecureAggregation.from_config(inner, cfg)  # accepted
+    assert build_strategy(RunConfig(min_sites=2)).min_train_nodes == 2  # plain runs keep min-sites
+
+
+# --- the run's stack: the audit log and secure_aggregation.json name the aggregate alike ---------
+
+def test_audit_log_and_secure_aggregation_json_hash_each_aggregate_alike(loopback, tmp_path):
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from candor.common.demo import DEMO_SCHEMA_PATH
+    from candor.common.encoding import Encoder
+    from candor.common.schema import Schema
+    from candor.server.audit import AuditLog
+    from candor.server.outputs import RunRecorder
+    from candor.server.strategy import assemble
+
+    sites = make_sites(NS[:3])
+    cfg = RunConfig(secure_aggregation=True, min_sites=3, dp=False)
+    schema = Schema.load(DEMO_SCHEMA_PATH)
+    recorder = RunRecorder(tmp_path, cfg=cfg, schema=schema, feature_names=Encoder(schema).feature_names)
+    audit = AuditLog(tmp_path, Ed25519PrivateKey.generate(), ephemeral=True)
+    inner = build_strategy(cfg)
+    inner.fraction_evaluate = 0.0  # the loopback sites only train
+    models = {}
+    assemble(cfg, inner, recorder=recorder, audit=audit).start(
+        grid=loopback(sites, run_config=cfg.to_run_config()), initial_arrays=initial_arrays(), num_rounds=2,
+        timeout=10, evaluate_fn=lambda r, arrays: models.__setitem__(r, arrays))
+    secure = json.loads((tmp_path / "secure_aggregation.json").read_text())["rounds"]
+    logged = [e["body"] for e in audit.entries if e["kind"] == "round"]
+    assert [r["round"] for r in secure] == [b["round"] for b in logged] == [1, 2]
+    for r, (record, body) in enumerate(zip(secure, logged), start=1):
+        assert body["secure_aggregation"] is True
+        assert body["aggregate_sha256"] == record["aggregate_sha256"] == hash_arrays(models[r])
+        assert body["global_model_sha256"] == hash_arrays(models[r])  # FedAvg adopts the secure mean as is
+        assert all("sha256" not in u for u in body["updates"])

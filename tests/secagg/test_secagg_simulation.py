@@ -1,14 +1,16 @@
 """A real `candor-sim` run with secure aggregation: 3 sites, 2 rounds, DP on (target ε 3).
 
-The sites write the plaintext updates they mask to a test-only directory
-(``CANDOR_SECAGG_TEST_DUMP``, on their own disk); the test recomputes plaintext FedAvg from
-them and compares it with what the coordinator produced from the masked sum.
+The simulation runs a test-only ClientApp (plaintext_tap.py: Candor's site app with a
+Flower mod inside ``secagg_mod``) that writes the plaintext update each site masks to a
+directory on the site's own disk; the test recomputes plaintext FedAvg from them and
+compares it with what the coordinator produced from the masked sum.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +20,27 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from candor.client.secagg import TEST_DUMP_ENV
-from candor.common.config import RunConfig
-from candor.server.secagg import arrays_sha256, error_bound
+from plaintext_tap import PLAINTEXT_DIR_ENV
 
-CANDOR_SIM = str(Path(sys.executable).parent / "candor-sim")
+from candor.common.config import RunConfig
+from candor.common.hashing import hash_arrays
+from candor.common.processes import APP_DIR
+from candor.server.secagg import error_bound
+
+HERE = Path(__file__).resolve().parent
 SITES = {"hospital-1", "hospital-2", "hospital-3"}
 TARGET = 3.0
+
+
+def tapped_app(where: Path) -> Path:
+    """A Flower App directory: Candor's pyproject.toml, whose ClientApp is plaintext_tap's."""
+    where.mkdir()
+    component = 'clientapp = "candor.client.app:app"'
+    pyproject = (APP_DIR / "pyproject.toml").read_text()
+    assert pyproject.count(component) == 1
+    (where / "pyproject.toml").write_text(pyproject.replace(component, 'clientapp = "plaintext_tap:app"'))
+    shutil.copy(HERE / "plaintext_tap.py", where / "plaintext_tap.py")
+    return where
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +48,15 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("secagg-sim")
     out, dump = base / "run", base / "site-updates"
     proc = subprocess.run(
-        [CANDOR_SIM, "run", "--num-sites", "3", "--out", str(out), "-c", "num-server-rounds=2",
+        [sys.executable, str(HERE / "sim_with_app.py"), str(tapped_app(base / "app")),
+         "run", "--num-sites", "3", "--out", str(out), "-c", "num-server-rounds=2",
          "-c", "secure-aggregation=true", "-c", f"target-epsilon={TARGET}",
          "-c", "explain=false"],  # the explanation phase does not involve aggregation
         capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", TEST_DUMP_ENV: str(dump)},
+        env={**os.environ, "OMP_NUM_THREADS": "1", PLAINTEXT_DIR_ENV: str(dump)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert dump.is_dir(), "no site wrote its plaintext update: the run did not use plaintext_tap's ClientApp"
     return out, dump, proc
 
 
@@ -88,21 +106,20 @@ def test_coordinator_result_is_plaintext_fedavg_of_the_sites_updates(run):
         tol += 4 * float(np.spacing(np.float32(max(np.abs(v).max() for v in fedavg.values()))))
         assert max(float(np.abs(fedavg[k] - result[k]).max()) for k in glob) <= tol, r
         assert max(float(np.abs(fedavg[k] - glob[k]).max()) for k in glob) > 100 * tol  # the round moved the model
-    # the audit hook's hash of the last aggregate is the saved model's
-    assert record[-1]["aggregate_sha256"] == arrays_sha256(ArrayRecord(final))
+    # the recorded hash of the last aggregate is the saved model's (the one array hash, hash_arrays)
+    assert record[-1]["aggregate_sha256"] == hash_arrays(ArrayRecord(final))
 
 
 def test_audit_log_pins_each_secure_aggregate_and_no_update(run):
     out, _, _ = run
     log = out / "audit.jsonl"
-    if not log.exists():
-        pytest.skip("this build writes no audit log")
     rounds = [e["body"] for e in map(json.loads, log.read_text().splitlines()) if e["kind"] == "round"]
     record = json.loads((out / "secure_aggregation.json").read_text())["rounds"]
     assert [b["round"] for b in rounds] == [1, 2]
     for body, secure in zip(rounds, record):
         assert body["secure_aggregation"] is True
-        assert body["aggregate_sha256"] is not None  # SecureAggregation.on_aggregate reached the log
+        assert body["aggregate_sha256"] is not None  # the audit layer asked SecureAggregation for it
+        assert body["aggregate_sha256"] == secure["aggregate_sha256"]  # one hash in both files
         assert body["aggregate_sha256"] == body["global_model_sha256"]  # FedAvg adopts the secure mean as is
         assert all("sha256" not in u for u in body["updates"])  # no per-site update hash: none was seen
         assert {u["site"] for u in body["updates"]} == set(secure["summed_sites"]) == SITES
