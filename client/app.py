@@ -28,11 +28,11 @@ from candor.common.policy import RunPrivacy
 from candor.common.privacy import MechanismRecord
 from candor.common.training import LocalTraining, evaluate, sample_rate, steps_for_epochs, train
 
-from . import secagg
 from .context import REFUSED, SiteContext, refusal
 from .explain_app import handle_explain
 from .ledger import Ledger
 from .receipts import record_receipt
+from .secagg import secagg_mod
 from .spending import Spending
 
 __all__ = ["REFUSED", "app"]
@@ -44,17 +44,8 @@ app = ClientApp()
 app.query("explain")(handle_explain)
 
 
-@app.train()
+@app.train(mods=[secagg_mod])  # secure aggregation (client/secagg.py): per function, never app-wide
 def handle_train(msg: Message, context: Context) -> Message:
-    if secagg.is_stage(msg):  # secure aggregation (client/secagg.py): the update leaves only masked
-        return secagg.handle(msg, context, train=_handle_plain_train)
-    refused = secagg.plain_training_refused(context)
-    if refused is not None:
-        return refusal(msg, refused)
-    return _handle_plain_train(msg, context)
-
-
-def _handle_plain_train(msg: Message, context: Context) -> Message:
     try:
         site = SiteContext(msg, context)
         return _train(site, msg)

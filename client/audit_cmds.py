@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from candor.common.auditlog import load_public_key, read_log
-from candor.common.errors import CandorError
+from candor.common.errors import SiteError
 from candor.common.privacy import epsilon
 
 from .ledger import Ledger
@@ -41,11 +41,11 @@ def _site_files(path: Path) -> tuple[Path, Path]:
         else:
             found = sorted(path.glob("*.receipts.jsonl"))
             if len(found) != 1:
-                raise CandorError(f"{path}: expected a site directory holding receipts.jsonl, or one "
+                raise SiteError(f"{path}: expected a site directory holding receipts.jsonl, or one "
                                   f"*.receipts.jsonl file; found {len(found)}. Give the receipts file itself.")
             path = found[0]
     if not path.is_file():
-        raise CandorError(f"{path}: no receipts here; give the site directory (with receipts.jsonl and "
+        raise SiteError(f"{path}: no receipts here; give the site directory (with receipts.jsonl and "
                           "ledger.json) or the receipts file")
     return path, ledger_path_for(path)
 
@@ -73,7 +73,7 @@ def audit(site_path: str | Path, log_path: str | Path, *, public_key: str | None
     run_id = str(start.get("run_id"))
     receipts = read_receipts(receipts_file)
     if not receipts:
-        raise CandorError(f"{receipts_file}: holds no receipts")
+        raise SiteError(f"{receipts_file}: holds no receipts")
     site = str(receipts[0]["site"])
     mine = [r for r in receipts if str(r["run_id"]) == run_id]
     rounds = {e["body"]["round"]: e["body"] for e in entries if e["kind"] == "round"}

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from candor.common.atomic import write_atomic
-from candor.common.errors import CandorError
+from candor.common.errors import ConfigError
 from candor.common.explain import Explanation, LoadedModel, Records, attribute, load_model, load_records, predict
 from candor.common.schema import indicator_column
 
@@ -32,7 +32,7 @@ __all__ = ["explain_records", "predict_records"]
 
 def _prepare(model_path: str, data: str, out: str, id_column: str | None) -> tuple[LoadedModel, Records, torch.Tensor]:
     if Path(out).resolve() == Path(data).resolve():
-        raise CandorError(f"--out {out} is the input file; write the results to another file")
+        raise ConfigError(f"--out {out} is the input file; write the results to another file")
     loaded = load_model(model_path)
     records = load_records(data, loaded.schema, id_column=id_column)
     for problem in records.warnings:
@@ -103,16 +103,16 @@ def explain_records(model_path: str, data: str, out: str, *, id_column: str | No
     ``record, outcome, probability, reference_probability, rank, feature, value,
     reference, contribution, reason``; optionally a waterfall plot of one record."""
     if (record is None) != (plot is None):
-        raise CandorError("--record and --plot go together: name the record to plot and the PNG to write")
+        raise ConfigError("--record and --plot go together: name the record to plot and the PNG to write")
     if top < 1:
-        raise CandorError(f"--top must be an integer >= 1 (got {top})")
+        raise ConfigError(f"--top must be an integer >= 1 (got {top})")
     loaded, records, x = _prepare(model_path, data, out, id_column)
     row_of = None
     if record is not None:
         matches = [i for i, r in enumerate(records.ids) if r == record]
         if len(matches) != 1:
             where = f"in column '{id_column}'" if id_column else "as a row number (1 = first data row)"
-            raise CandorError(f"--record {record!r} matches {len(matches)} records {where} of {data}; "
+            raise ConfigError(f"--record {record!r} matches {len(matches)} records {where} of {data}; "
                               "name exactly one")
         row_of = matches[0]
     expl = attribute(loaded.model, loaded.encoder, x)

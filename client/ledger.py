@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from candor.common.atomic import write_json_atomic
-from candor.common.errors import CandorError
+from candor.common.errors import LedgerError
 from candor.common.privacy import MechanismRecord, epsilon
 
 LEDGER_VERSION = 1
@@ -61,7 +61,7 @@ class Ledger:
             doc = json.loads(self.path.read_text())
             return [LedgerEntry.from_dict(e) for e in doc["entries"]]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CandorError(
+            raise LedgerError(
                 f"{self.path}: the privacy ledger is unreadable ({err}). It is the record of "
                 "what this site has spent: restore it from backup; do not delete it."
             ) from None

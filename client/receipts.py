@@ -24,7 +24,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Message
 
 from candor.common.atomic import write_atomic
-from candor.common.errors import CandorError
+from candor.common.errors import SiteError
 from candor.common.hashing import hash_arrays
 
 from .site import SiteSpec
@@ -52,13 +52,13 @@ def read_receipts(path: str | Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     except (OSError, UnicodeDecodeError) as err:
-        raise CandorError(f"{path}: the receipts file is unreadable ({err}); restore it from backup") from None
+        raise SiteError(f"{path}: the receipts file is unreadable ({err}); restore it from backup") from None
     out = []
     for n, line in enumerate(lines, start=1):
         try:
             entry = json.loads(line)
         except ValueError:
-            raise CandorError(f"{path}, line {n}: not a receipt (invalid JSON); the file was edited or damaged; "
+            raise SiteError(f"{path}, line {n}: not a receipt (invalid JSON); the file was edited or damaged; "
                               "restore it from backup") from None
         out.append(entry)
     return out
@@ -76,7 +76,7 @@ def append_receipt(path: str | Path, entry: dict[str, Any]) -> None:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
     except OSError as err:
-        raise CandorError(f"{path}: cannot write the site's receipt ({err}); free space or fix permissions "
+        raise SiteError(f"{path}: cannot write the site's receipt ({err}); free space or fix permissions "
                           "on the site directory") from None
 
 

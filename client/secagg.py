@@ -38,7 +38,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from candor.common.config import RunConfig
-from candor.common.errors import CandorError, ConfigError
+from candor.common.errors import ConfigError
 
 from .context import refusal
 
@@ -83,37 +83,23 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     return Message(content=content, reply_to=msg)
 
 
-def _plain_training_refused(context: Context) -> CandorError | None:
+def _plain_training_refused(context: Context) -> ConfigError | None:
     """The refusal a site sends when a run with secure aggregation asks for a clear update."""
     try:
         secure = RunConfig.from_run_config(context.run_config).secure_aggregation
     except ConfigError as err:
         return err
     if secure:
-        return CandorError("this run has secure-aggregation=true, but the training request is not a SecAgg+ "
+        return ConfigError("this run has secure-aggregation=true, but the training request is not a SecAgg+ "
                            "stage: the site does not send its update in the clear")
     return None
-
-
-# --- until client/app.py attaches secagg_mod (issue 8): the calls of its old if-branch ---------
-def is_stage(msg: Message) -> bool:
-    """Whether ``msg`` is a SecAgg+ stage message. Transitional; use :func:`secagg_mod`."""
-    return RECORD_KEY_CONFIGS in msg.content.config_records
-
-
-def handle(msg: Message, context: Context, *, train: ClientAppCallable) -> Message:
-    """One SecAgg+ stage, ``train`` the site's train function. Transitional; use :func:`secagg_mod`."""
-    return secagg_mod(msg, context, train)
-
-
-plain_training_refused = _plain_training_refused  # transitional; secagg_mod applies it
 
 
 def _as_fitres(msg: Message, reply: Message, context: Context) -> Message:
     """The Message-API reply as the legacy FitRes the mod masks: (delta, num-examples)."""
     glob, local = msg.content["arrays"], reply.content["arrays"]
     if list(local.keys()) != list(glob.keys()):
-        raise CandorError("the trained model's arrays do not match the global model's; cannot form the update")
+        raise ValueError("the trained model's arrays do not match the global model's; cannot form the update")
     delta = [local[k].numpy().astype(np.float64) - glob[k].numpy().astype(np.float64) for k in glob]
     metrics = reply.content["metrics"]
     n = int(metrics["num-examples"])

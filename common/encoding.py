@@ -20,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from candor.common.errors import CandorError
 from candor.common.schema import Schema, indicator_column, normalise_value
 
 __all__ = ["Encoder"]
@@ -75,7 +74,7 @@ class Encoder:
 
     def _column(self, df: pd.DataFrame, name: str) -> pd.Series:
         if name not in df.columns:
-            raise CandorError(
+            raise ValueError(
                 f"encoder: column '{name}' is not in the frame; encode the frame returned "
                 "by common.validation.validate or load_table"
             )
@@ -85,7 +84,7 @@ class Encoder:
         try:
             return self._column(df, name).to_numpy(dtype=np.float64)
         except (TypeError, ValueError):
-            raise CandorError(
+            raise ValueError(
                 f"encoder: column '{name}' must hold numbers; validate the frame first"
             ) from None
 
@@ -102,7 +101,7 @@ class Encoder:
                 codes = _codes(column, {level: i for i, level in enumerate(feature.levels)})
                 if (codes < 0).any():
                     bad = sorted({str(v) for v in column[codes < 0]})[:3]
-                    raise CandorError(
+                    raise ValueError(
                         f"encoder: feature '{feature.name}' has values that are not levels "
                         f"of the schema ({bad}); validate the frame first"
                     )
@@ -112,7 +111,7 @@ class Encoder:
             if feature.missing == "indicator":
                 out[:, cols[-1]] = self._floats(df, indicator_column(feature.name))
         if np.isnan(out).any():
-            raise CandorError("encoder: the frame has missing values; validate it first")
+            raise ValueError("encoder: the frame has missing values; validate it first")
         return out
 
     def transform_label(self, df: pd.DataFrame) -> np.ndarray:
@@ -128,7 +127,7 @@ class Encoder:
         codes = _codes(column, mapping)
         if (codes < 0).any():
             bad = sorted({str(v) for v in column[codes < 0]})[:3]
-            raise CandorError(
+            raise ValueError(
                 f"encoder: label '{label.name}' has values outside the schema ({bad}); "
                 "validate the frame first"
             )
@@ -142,7 +141,7 @@ class Encoder:
         """Map an encoded numeric value (-1 .. 1 within bounds) back to the feature's units."""
         spec = self._features.get(feature)
         if spec is None or spec.kind != "numeric":
-            raise CandorError(
+            raise ValueError(
                 f"encoder: decode_value needs a numeric feature of the schema (got '{feature}')"
             )
         return spec.lower + (x + 1) / 2 * (spec.upper - spec.lower)

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .errors import CandorError
+from .errors import ConfigError
 
 __all__ = ["partition"]
 
@@ -39,18 +39,18 @@ def partition(df: pd.DataFrame, *, num_sites: int, label: str, scheme: str = "ii
         min_rows: rows every site needs.
 
     Raises:
-        CandorError: bad arguments, or no split gives every site ``min_rows`` rows.
+        ConfigError: bad arguments, or no split gives every site ``min_rows`` rows.
     """
     if not isinstance(num_sites, int) or num_sites < 1:
-        raise CandorError(f"partition: 'num_sites' must be an integer >= 1 (got {num_sites!r})")
+        raise ConfigError(f"partition: 'num_sites' must be an integer >= 1 (got {num_sites!r})")
     if scheme not in ("iid", "dirichlet"):
-        raise CandorError(f"partition: 'scheme' must be 'iid' or 'dirichlet' (got {scheme!r})")
+        raise ConfigError(f"partition: 'scheme' must be 'iid' or 'dirichlet' (got {scheme!r})")
     if scheme == "dirichlet" and not alpha > 0:
-        raise CandorError(f"partition: 'alpha' must be > 0 (got {alpha!r})")
+        raise ConfigError(f"partition: 'alpha' must be > 0 (got {alpha!r})")
     if label not in df.columns:
-        raise CandorError(f"partition: label column '{label}' is not in the frame")
+        raise ConfigError(f"partition: label column '{label}' is not in the frame")
     if len(df) < num_sites * min_rows:
-        raise CandorError(
+        raise ConfigError(
             f"partition: {len(df)} rows cannot give {num_sites} sites {min_rows} rows each "
             f"(needs {num_sites * min_rows}); use fewer sites or a smaller min_rows"
         )
@@ -73,7 +73,7 @@ def partition(df: pd.DataFrame, *, num_sites: int, label: str, scheme: str = "ii
             if min(len(s) for s in sites) >= min_rows:
                 break
         else:
-            raise CandorError(
+            raise ConfigError(
                 f"partition: {_MAX_DRAWS} Dirichlet(alpha={alpha}) draws never gave all "
                 f"{num_sites} sites {min_rows} rows; raise alpha, use fewer sites or lower min_rows"
             )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from candor.common.atomic import write_json_atomic
-from candor.common.errors import CandorError, DataValidationError
+from candor.common.errors import ConfigError, DataValidationError
 from candor.common.schema import Schema
 from candor.common.validation import load_table
 
@@ -27,7 +27,7 @@ def parse_site_arg(text: str) -> SimSite:
     """``NAME=PATH`` or ``NAME=TRAIN_PATH,TEST_PATH``."""
     name, sep, paths = text.partition("=")
     if not sep or not name or not paths:
-        raise CandorError(f"--site expects NAME=PATH or NAME=TRAIN,TEST; got {text!r}")
+        raise ConfigError(f"--site expects NAME=PATH or NAME=TRAIN,TEST; got {text!r}")
     train, _, test = paths.partition(",")
     return SimSite(name=name.strip(), data=Path(train).expanduser().resolve(),
                    test=Path(test).expanduser().resolve() if test else None)
@@ -37,9 +37,9 @@ def check_sites(sites: list[SimSite], schema: Schema, *, min_rows: int) -> None:
     """Validate every site's file(s) before anything starts; all problems at once."""
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
-        raise CandorError(f"site names must be unique; got {', '.join(names)}")
+        raise ConfigError(f"site names must be unique; got {', '.join(names)}")
     if len(sites) < 2:
-        raise CandorError(f"a federation needs at least 2 sites; got {len(sites)}")
+        raise ConfigError(f"a federation needs at least 2 sites; got {len(sites)}")
     problems = []
     for site in sites:
         for path, rows in ((site.data, min_rows), (site.test, 1)):

@@ -47,10 +47,9 @@ def record_plaintext(msg: Message, context: Context, call_next: ClientAppCallabl
     return reply
 
 
-# The site's plain train function. Until client/app.py attaches secagg_mod to handle_train
-# (issue 8), handle_train still holds the old secure-aggregation branch and the plain
-# function is _handle_plain_train.
-_train = getattr(site, "_handle_plain_train", site.handle_train)
+# The site's plain train function (Flower's decorator returns it unwrapped: the mods are
+# the ClientApp's, and this app attaches its own).
+_train = site.handle_train
 
 app = ClientApp()
 app.train(mods=[secagg_mod, record_plaintext])(_train)
