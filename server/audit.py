@@ -39,7 +39,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ArrayRecord, Message
@@ -47,8 +46,9 @@ from flwr.app import ArrayRecord, Message
 from candor.common.atomic import json_safe, write_atomic
 from candor.common.auditlog import GENESIS, AuditLogError, entry_hash, key_fingerprint, load_public_key, read_log, sign_entry
 from candor.common.config import RunConfig
-from candor.common.errors import ConfigError
+from candor.common.errors import ConfigError, ModelFileError
 from candor.common.hashing import canonical_json, hash_arrays, sha256_file
+from candor.common.model_file import MODEL_FILE, ModelFile
 from candor.common.schema import Schema
 
 from .outputs import site_of
@@ -266,10 +266,13 @@ def verify_run(run_dir: str | Path, *, public_key: str | Path | None = None) -> 
         if actual != sha:
             raise AuditLogError(f"{path}: sha256 {actual[:16]} differs from {sha[:16]} recorded in {where}: "
                                 "the file is not the one this run produced")
-    model = run_dir / "model.pt"
-    if not model.is_file() or "model.pt" not in final["body"]["files"]:
+    model = run_dir / MODEL_FILE
+    if not model.is_file() or MODEL_FILE not in final["body"]["files"]:
         raise AuditLogError(f"{model}: the model file is missing or not recorded in {where}")
-    state = torch.load(model, map_location="cpu", weights_only=True)["state_dict"]
+    try:
+        state = ModelFile.load(model).state_dict
+    except ModelFileError as err:
+        raise AuditLogError(f"{err} (recorded in {where})") from None
     if hash_arrays(state) != expected:
         raise AuditLogError(f"{model}: its weights are not the global model recorded in {where}")
     return {"entries": len(entries), "rounds": rounds, "sites": sorted(sites), "run_id": start["body"]["run_id"],
