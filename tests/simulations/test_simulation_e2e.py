@@ -55,6 +55,7 @@ def test_epsilon_is_cumulative_within_target_and_recomputable(run):
         releases = {r["round"] for r in p.get("releases", [])}  # e.g. the explanation release
         assert [h["round"] for h in p["history"] if h["round"] not in releases] == [1, 2]
         assert p["privacy_unit"] == "one record" and p["accountant"] == "prv"
+        assert p["noise_seed"] == "public-seed (simulation only)"  # candor-sim's reproducible runs, stated
         assert p["delta"] < 1 / p["num_examples"]
         independent = pld_epsilon(p["history"], p["delta"])
         assert p["epsilon"] == pytest.approx(independent, rel=0.02)
