@@ -22,3 +22,15 @@ def default_sim(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
         [CANDOR_SIM, "run", "--num-sites", "3", "--out", str(out), "-c", "num-server-rounds=2"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return proc, out
+
+
+# Tests that start real Flower processes (a SuperLink, SuperNodes, a simulation): marked
+# `slow`, so that `pytest -m slow` runs them alone and `pytest -m "not slow"` the rest.
+_REAL_PROCESS_FIXTURES = {"default_sim", "deployment"}
+_REAL_PROCESS_MODULES = {"test_ledger_kill.py", "test_secagg_simulation.py", "test_simulation_e2e.py"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if _REAL_PROCESS_FIXTURES & set(item.fixturenames) or item.path.name in _REAL_PROCESS_MODULES:
+            item.add_marker(pytest.mark.slow)
