@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -228,3 +228,29 @@ def parse_override(text: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw
     return key.strip(), value
+
+
+def merge_overrides(items: Iterable[str], *, base: Mapping[str, Any] | None = None,
+                    **fixed: Any) -> dict[str, Any]:
+    """The run-config values a command sets, over :class:`RunConfig`'s defaults, checked.
+
+    Layered, a later layer winning: ``base`` (hyphenated keys, e.g. a federation's own
+    defaults), then each ``-c KEY=VALUE`` of ``items`` in order (:func:`parse_override`),
+    then ``fixed`` (keyword names, ``_`` for ``-``; a ``None`` is skipped). The merged
+    values are validated as one :class:`RunConfig` over the defaults.
+
+    Returns:
+        Every key that was set (hyphenated), with its value typed as RunConfig reads it
+        (e.g. ``local-epochs=1`` as ``1.0``): what the command passes to ``flwr run``.
+        ``RunConfig.from_run_config(result)`` is the run's configuration.
+
+    Raises:
+        ConfigError: a malformed ``-c``, an unknown key, or a value outside its rule.
+    """
+    if isinstance(items, str):
+        raise TypeError("merge_overrides: items must be a list of 'KEY=VALUE' strings, not one string")
+    values = dict(base or {})
+    values.update(parse_override(text) for text in items)
+    values.update({key.replace("_", "-"): value for key, value in fixed.items() if value is not None})
+    typed = RunConfig.from_run_config(values).to_run_config()
+    return {key: typed[key] for key in values}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,8 +26,9 @@ from urllib.request import urlopen
 from .errors import CandorError
 
 __all__ = [
-    "APP_DIR", "ProcessTimeout", "flower_bin", "flower_env", "flwr_json", "free_port", "pid_alive",
-    "run_status", "stop_group", "stop_pid_group", "superlink_healthy", "wait_until",
+    "APP_DIR", "FlwrCommandFailed", "ProcessTimeout", "flower_bin", "flower_env", "flwr_json", "free_port",
+    "last_error_line", "pid_alive", "run_status", "stop_group", "stop_pid_group", "stream_flwr_run",
+    "superlink_healthy", "timestamped", "wait_until",
 ]
 
 # The Flower App directory `flwr run` submits: the repository root, which holds
@@ -36,6 +38,14 @@ APP_DIR = Path(__file__).resolve().parents[1]
 
 class ProcessTimeout(CandorError):
     """A condition was not met before its deadline."""
+
+
+class FlwrCommandFailed(CandorError):
+    """A ``flwr`` CLI call failed, printed no JSON, or did not answer in time."""
+
+
+# How `flwr run` announces the run it submitted.
+_RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -140,21 +150,23 @@ def flwr_json(args: Sequence[str], *, env: Mapping[str, str], timeout: float = 6
     """Run ``flwr ARGS --format json`` and return its JSON document.
 
     Raises:
-        CandorError: the command timed out, printed no JSON, or reported failure.
+        FlwrCommandFailed: the command timed out, printed no JSON, or reported failure
+            (the message ends with Flower's own last line about it).
     """
     cmd = [flower_bin("flwr"), *args, "--format", "json"]
     try:
         out = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise CandorError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f} s") from None
+        raise FlwrCommandFailed(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f} s; is the "
+                                "SuperLink overloaded or stopped?") from None
     try:
         doc = json.loads(out.stdout[out.stdout.index("{"):])
     except ValueError:
         detail = (out.stderr or out.stdout).strip().splitlines()
-        raise CandorError(f"`flwr {' '.join(args)}` failed: {detail[-1] if detail else 'no output'}") from None
+        raise FlwrCommandFailed(f"`flwr {' '.join(args)}` failed: {detail[-1] if detail else 'no output'}") from None
     if not doc.get("success", True):
         message = str(doc.get("error-message", "unknown error")).strip().splitlines()[-1]
-        raise CandorError(f"`flwr {' '.join(args)}` failed: {message}")
+        raise FlwrCommandFailed(f"`flwr {' '.join(args)}` failed: {message}")
     return doc
 
 
@@ -170,3 +182,70 @@ def run_status(connection: str, *, env: Mapping[str, str], run_id: int | None = 
         return None, "not submitted"
     newest = max(runs, key=lambda r: int(r["run-id"]))
     return int(newest["run-id"]), str(newest["status"])
+
+
+def timestamped(line: str) -> str:
+    """``line`` prefixed with the local wall-clock time, ``HH:MM:SS.mmm `` (the form of
+    every line Candor writes into a Flower log)."""
+    now = time.time()
+    return f"{time.strftime('%H:%M:%S', time.localtime(now))}.{int(now * 1000) % 1000:03d} {line}"
+
+
+def last_error_line(log_path: Path) -> str:
+    """The last line of a log that reports an error (``ERROR``, ``Error``, ``error``), else its
+    last line: what a failure message quotes. ``"no output"`` for an empty log, ``"no log"``
+    for a missing or unreadable one."""
+    try:
+        lines = [l.strip() for l in log_path.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return "no log"
+    errors = [l for l in lines if "ERROR" in l or "rror" in l]
+    return (errors or lines or ["no output"])[-1]
+
+
+def stream_flwr_run(
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    log_path: Path,
+    on_line: Callable[[str], None] = lambda line: None,
+    on_start: Callable[[int], None] = lambda run_id: None,
+    timestamps: bool = False,
+) -> int | None:
+    """Run ``flwr run ... --stream`` to its end, in its own process group; the one reader of
+    its output.
+
+    Every line Flower prints is written to ``log_path`` (truncated first; prefixed by
+    :func:`timestamped` if ``timestamps``) and passed, without its newline, to
+    ``on_line``. When Flower announces the run ("Successfully started run N"),
+    ``on_start(N)`` is called once, before that line reaches ``on_line``. The process
+    group is stopped (SIGTERM, then SIGKILL) on return and on any exception; Ctrl-C is
+    re-raised, so the caller may also stop the run on the SuperLink.
+
+    ``flwr run`` exits 0 even when the ServerApp failed: check the run's status
+    (:func:`run_status`) afterwards.
+
+    Returns:
+        The run id, or ``None`` if Flower never announced one (the run was not submitted).
+    """
+    if "--stream" not in cmd:
+        raise ValueError(f"stream_flwr_run: the command must contain --stream; got {list(cmd)}")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    run_id: int | None = None
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(list(cmd), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                log.write(timestamped(raw) if timestamps else raw)
+                log.flush()
+                line = raw.rstrip("\n")
+                if run_id is None and (found := _RUN_STARTED.search(line)):
+                    run_id = int(found.group(1))
+                    on_start(run_id)
+                on_line(line)
+            proc.wait()
+        finally:
+            stop_group(proc)
+    return run_id

@@ -43,3 +43,32 @@ def test_dp_needs_a_target_or_a_noise_multiplier():
     with pytest.raises(ConfigError, match="target-epsilon"):
         RunConfig(dp=True, target_epsilon=0.0, noise_multiplier=0.0)
     assert RunConfig(dp=False, target_epsilon=0.0).dp is False
+
+
+def test_merge_overrides_layers_base_then_items_then_fixed_and_types_the_values():
+    from candor.common.config import merge_overrides
+
+    values = merge_overrides(["num-server-rounds=7", "local-epochs=1", "dp=false", "hidden=16,8",
+                              "num-server-rounds=9"],
+                             base={"min-sites": 4, "num-server-rounds": 2, "model": "logreg"},
+                             schema="/s.toml", out_dir="/out", sim_manifest=None)
+    assert values == {"min-sites": 4, "num-server-rounds": 9, "model": "logreg", "local-epochs": 1.0,
+                      "dp": False, "hidden": "16,8", "schema": "/s.toml", "out-dir": "/out"}
+    assert isinstance(values["local-epochs"], float)  # typed as RunConfig reads it
+    cfg = RunConfig.from_run_config(values)
+    assert (cfg.num_server_rounds, cfg.min_sites, cfg.out_dir) == (9, 4, "/out")
+    assert merge_overrides([]) == {}
+    assert merge_overrides(["min-sites=3"], base={"min-sites": 4}) == {"min-sites": 3}  # -c wins over base
+
+
+@pytest.mark.parametrize("items, fragment", [
+    (["no-such-key=1"], "Unknown run-config key 'no-such-key'"),
+    (["num-server-rounds=0"], "'num-server-rounds' parameter must be an integer >= 1. Got 0"),
+    (["num-server-rounds"], "-c expects KEY=VALUE"),
+])
+def test_merge_overrides_names_the_bad_key_or_value(items, fragment):
+    from candor.common.config import merge_overrides
+
+    with pytest.raises(ConfigError) as err:
+        merge_overrides(items)
+    assert fragment in str(err.value)

@@ -1,0 +1,30 @@
+"""The progress lines of a Candor run: written by the ServerApp, shown by the commands.
+
+The ServerApp logs each line meant for the person running the run (a round's metrics and
+ε per site, a refusal, where the outputs are) with the prefix :data:`PROGRESS`; the
+commands that stream Flower's log (``candor-server run``, ``candor-sim run``) show those
+lines without the prefix, and every other line only when asked (``-v``) or when it
+reports an error.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PROGRESS", "progress_text", "show_line"]
+
+PROGRESS = "[candor]"  # prefix of the ServerApp's log lines meant for the user
+
+
+def progress_text(line: str) -> str | None:
+    """The text after :data:`PROGRESS` in ``line``, stripped; ``None`` if it is no progress line."""
+    at = line.find(PROGRESS)
+    return None if at < 0 else line[at + len(PROGRESS):].strip()
+
+
+def show_line(line: str, *, verbose: bool = False) -> None:
+    """Print a streamed log line as the commands do: a progress line's text; any other line
+    if ``verbose`` or it reports an error (``ERROR``, a ``Traceback``)."""
+    text = progress_text(line)
+    if text is not None:
+        print(text, flush=True)
+    elif verbose or "ERROR" in line or "Traceback" in line:
+        print(line, flush=True)
