@@ -15,7 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_public_key
 from flwr.common.config import parse_config_args
 
-from candor.client.deploy import SiteDir, _node_config
+from candor.client.budget import SiteBudget
+from candor.client.site_dir import SiteDir
+from candor.client.supernode import write_node_config
 from candor.client.keys import create_node_key, load_private_key
 from candor.client.site import resolve_site
 from candor.common.config import RunConfig
@@ -90,12 +92,12 @@ def test_federation_init_refuses_a_used_directory_and_invites_hold_nothing_secre
 def test_node_config_reaches_the_client_app_with_its_toml_types(tmp_path):
     site = SiteDir(tmp_path / "site with space")
     site.dir.mkdir()
-    path = _node_config(site, "h1", tmp_path / "data 'x'.csv", None, {"epsilon": 2.5, "delta": 1e-6})
+    path = write_node_config(site, "h1", tmp_path / "data 'x'.csv", None, SiteBudget(epsilon=2.5, delta=1e-6))
     node_config = parse_config_args([str(path)])  # exactly how flower-supernode reads it
     assert node_config["budget-epsilon"] == 2.5 and isinstance(node_config["budget-epsilon"], float)
     spec = resolve_site(node_config, RunConfig())
     assert spec.name == "h1" and spec.data_path == str(tmp_path / "data 'x'.csv")
     assert spec.ledger_path == str(site.dir / "ledger.json")
     assert (spec.budget_epsilon, spec.budget_delta) == (2.5, 1e-6)
-    no_budget = parse_config_args([str(_node_config(site, "h1", tmp_path / "d.csv", None, {}))])
+    no_budget = parse_config_args([str(write_node_config(site, "h1", tmp_path / "d.csv", None, SiteBudget()))])
     assert resolve_site(no_budget, RunConfig()).budget_epsilon is None
