@@ -20,10 +20,7 @@ reconciles the SuperLink's registered nodes with it.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
-import re
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -31,57 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
 from candor.common.atomic import write_atomic, write_json_atomic
-from candor.common.errors import CandorError
+from candor.common.config import RunConfig
+from candor.common.errors import ConfigError, FederationError
+from candor.common.names import check_name
+from candor.common.node_keys import fingerprint, read_public_key
 from candor.common.schema import Schema
 
 from .pki import ServerPKI, create_pki
 
-__all__ = ["Federation", "SiteEntry", "check_name", "read_public_key"]
+__all__ = ["CONNECTION", "DEFAULT_PORT", "Federation", "SiteEntry"]
 
 CONNECTION = "candor"  # the `flwr` CLI's name for this federation's SuperLink
 DEFAULT_PORT = 9092
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-
-
-def check_name(kind: str, name: str) -> str:
-    if not _NAME.match(name):
-        raise CandorError(f"the {kind} name {name!r} must be 1-63 letters, digits, '.', '_' or '-', "
-                          "starting with a letter or digit (e.g. st-marys-hospital)")
-    return name
-
-
-def read_public_key(path: Path) -> str:
-    """The OpenSSH ``ecdsa-sha2-nistp384`` public key line in ``path``, checked.
-
-    Raises:
-        CandorError: unreadable file, or not a P-384 public key in OpenSSH format.
-    """
-    try:
-        text = path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as err:
-        raise CandorError(f"cannot read the public key file {path} ({err})") from None
-    if "PRIVATE KEY" in text:
-        raise CandorError(f"{path} is a PRIVATE key: never send or copy it; the site sends its "
-                          "public key (node.pub, printed by `candor-client init`)")
-    try:
-        key = load_ssh_public_key(text.encode())
-    except (ValueError, TypeError, IndexError) as err:
-        raise CandorError(f"{path} is not an OpenSSH public key ({err}); the site's file is the "
-                          "one printed by `candor-client init` (one line 'ecdsa-sha2-nistp384 ...')") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
-        raise CandorError(f"{path} is not an ECDSA P-384 key ('ecdsa-sha2-nistp384 ...'), which Flower's "
-                          "node authentication requires; create one with `candor-client init`")
-    return " ".join(text.split()[:3])
-
-
-def fingerprint(public_line: str) -> str:
-    """OpenSSH-style SHA256 fingerprint (what ``ssh-keygen -lf node.pub`` prints)."""
-    blob = base64.b64decode(public_line.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 @dataclass
@@ -128,6 +88,10 @@ class Federation:
         return self.dir / "runs"
 
     @property
+    def invites_dir(self) -> Path:
+        return self.dir / "invites"
+
+    @property
     def address(self) -> str:
         """Where sites dial: the first host given to ``init``, and the port."""
         host = self.hosts[0]
@@ -140,22 +104,20 @@ class Federation:
         """Create the federation directory (refuses to touch an existing federation).
 
         Raises:
-            CandorError: bad name/host/port, unreadable schema, invalid run config,
-                or ``directory`` already holds a federation or other files.
+            ConfigError: bad name, host or port, or an invalid run config.
+            SchemaError: the schema file is unreadable or breaks the format.
+            FederationError: ``directory`` already holds a federation or other files.
         """
-        check_name("federation", name)
+        check_name(name, where="the federation name")
         if not 1 <= port <= 65535:
-            raise CandorError(f"--port must be in 1-65535; got {port}")
+            raise ConfigError(f"--port must be in 1-65535; got {port}. Give a free TCP port (default {DEFAULT_PORT})")
         directory = directory.resolve()
         if (directory / "federation.toml").exists():
-            raise CandorError(f"{directory} holds a federation already; choose another directory")
+            raise FederationError(f"{directory} holds a federation already; choose another directory")
         if directory.exists() and any(directory.iterdir()):
-            raise CandorError(f"{directory} is not empty; `candor-server init` needs a new or empty directory")
-        from candor.common.config import RunConfig  # imports torch/opacus: only where needed
-
+            raise FederationError(f"{directory} is not empty; `candor-server init` needs a new or empty directory")
         parsed = Schema.load(schema)
-        defaults = RunConfig().to_run_config()
-        RunConfig.from_run_config({**defaults, **run_config})  # validates the overrides
+        RunConfig.from_run_config(run_config)  # validates the overrides
         hosts = list(dict.fromkeys(h.strip() for h in hosts if h.strip())) or ["127.0.0.1"]
         create_pki(directory / "pki", federation=name, hosts=hosts)  # validates hosts first
         parsed.save(directory / "schema.toml")
@@ -180,17 +142,22 @@ class Federation:
             meta = tomllib.loads(meta_path.read_text())
             registry = json.loads((directory / "sites.json").read_text())
         except FileNotFoundError:
-            raise CandorError(f"{directory} is not a Candor federation directory (no {meta_path.name} or "
-                              "sites.json); create one with `candor-server init`") from None
+            raise FederationError(f"{directory} is not a Candor federation directory (no {meta_path.name} or "
+                                  "sites.json); create one with `candor-server init`") from None
         except (OSError, ValueError) as err:
-            raise CandorError(f"{directory}: the federation files are unreadable ({err})") from None
-        sites = {
-            name: SiteEntry(name, e["public_key"], e["fingerprint"], e["added"],
-                            int(e["node_id"]) if e.get("node_id") else None)
-            for name, e in registry.get("sites", {}).items()
-        }
-        return cls(directory, meta["name"], list(meta["hosts"]), int(meta["port"]), sites,
-                   dict(registry.get("removed", {})))
+            raise FederationError(f"{directory}: the federation files are unreadable ({err}); restore them "
+                                  "from a backup, or create a new federation with `candor-server init`") from None
+        try:
+            sites = {
+                name: SiteEntry(name, e["public_key"], e["fingerprint"], e["added"],
+                                int(e["node_id"]) if e.get("node_id") else None)
+                for name, e in registry.get("sites", {}).items()
+            }
+            return cls(directory, meta["name"], list(meta["hosts"]), int(meta["port"]), sites,
+                       dict(registry.get("removed", {})))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise FederationError(f"{directory}: federation.toml or sites.json lacks or garbles an entry "
+                                  f"({type(err).__name__}: {err}); restore them from a backup") from None
 
     def save_registry(self) -> None:
         write_json_atomic(self.dir / "sites.json", {
@@ -204,21 +171,23 @@ class Federation:
         """Add a site to the registry (the SuperLink is told separately).
 
         Raises:
-            CandorError: bad name, name or key already registered, key removed before.
+            ConfigError: the name breaks the naming rule.
+            KeyFileError: the key file is unreadable or not a P-384 public key.
+            FederationError: name or key already registered, or the key was removed before.
         """
-        check_name("site", name)
+        check_name(name, where="the site name")
         line = read_public_key(public_key_file)
         fp = fingerprint(line)
         if name in self.sites:
-            raise CandorError(f"site '{name}' is registered already (key {self.sites[name].fingerprint}); "
+            raise FederationError(f"site '{name}' is registered already (key {self.sites[name].fingerprint}); "
                               f"to change its key: `candor-server remove-site {self.dir} {name}`, then add it again")
         for other in self.sites.values():
             if other.fingerprint == fp:
-                raise CandorError(f"the key in {public_key_file} is registered already, as site '{other.name}'; "
+                raise FederationError(f"the key in {public_key_file} is registered already, as site '{other.name}'; "
                                   "every site needs its own key")
         if fp in self.removed:
             gone = self.removed[fp]
-            raise CandorError(f"the key in {public_key_file} belonged to site '{gone['name']}', removed on "
+            raise FederationError(f"the key in {public_key_file} belonged to site '{gone['name']}', removed on "
                               f"{gone['removed']}; Flower never re-admits a removed key: the site must make a new "
                               "one (`candor-client new-key SITE_DIR`) and send its new node.pub")
         entry = SiteEntry(name, line, fp, _now())
@@ -229,7 +198,8 @@ class Federation:
     def remove_site(self, name: str) -> SiteEntry:
         if name not in self.sites:
             known = ", ".join(sorted(self.sites)) or "none"
-            raise CandorError(f"no site named '{name}' in {self.dir / 'sites.json'} (registered: {known})")
+            raise FederationError(f"no site named '{name}' in {self.dir / 'sites.json'} (registered: {known}); "
+                                  f"`candor-server sites {self.dir}` lists them")
         entry = self.sites.pop(name)
         self.removed[entry.fingerprint] = {"name": name, "removed": _now(),
                                            "node_id": None if entry.node_id is None else str(entry.node_id)}
@@ -244,7 +214,8 @@ class Federation:
         try:
             return tomllib.loads(self.run_config_path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as err:
-            raise CandorError(f"{self.run_config_path}: unreadable run configuration ({err})") from None
+            raise FederationError(f"{self.run_config_path}: unreadable run configuration ({err}); fix the file "
+                                  "(TOML, keys of [tool.flwr.app.config])") from None
 
     def schema(self) -> Schema:
         return Schema.load(self.schema_path)

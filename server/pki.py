@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from candor.common.atomic import write_atomic
-from candor.common.errors import CandorError
+from candor.common.errors import ConfigError, FederationError, KeyFileError
 
-__all__ = ["ServerPKI", "create_pki", "subject_alt_names"]
+__all__ = ["ServerPKI", "certificate_hosts", "create_pki", "subject_alt_names"]
 
 CA_DAYS = 3650  # the CA outlives many server certificates
 SERVER_DAYS = 825  # the longest server-certificate lifetime common clients accept
@@ -44,15 +44,30 @@ class ServerPKI:
         return cls(directory / "ca.crt", directory / "ca.key", directory / "server.crt", directory / "server.key")
 
     def check(self) -> None:
-        """Raise if a file is missing, unreadable, or a private key is readable by others."""
+        """Check the files the SuperLink needs before it starts.
+
+        Raises:
+            KeyFileError: a file is missing, a certificate is not PEM, or a private key is
+                readable by other users.
+        """
         for path in (self.ca_cert, self.server_cert, self.server_key):
             if not path.is_file():
-                raise CandorError(f"{path} is missing: the federation directory is incomplete "
-                                  "(re-create it with `candor-server init`)")
+                raise KeyFileError(f"{path} is missing: the federation directory is incomplete "
+                                   "(re-create it with `candor-server init`)")
+        for cert in (self.ca_cert, self.server_cert):
+            _load_certificate(cert)
         for key in (self.ca_key, self.server_key):
             if key.exists() and key.stat().st_mode & 0o077:
-                raise CandorError(f"{key} is readable by other users (mode {key.stat().st_mode & 0o777:o}); "
-                                  f"run `chmod 600 {key}`")
+                raise KeyFileError(f"{key} is readable by other users (mode {key.stat().st_mode & 0o777:o}); "
+                                   f"run `chmod 600 {key}`")
+
+
+def _load_certificate(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise KeyFileError(f"{path} is not a readable PEM certificate ({err}); the federation's PKI is damaged: "
+                           "restore pki/ from a backup, or re-create the federation with `candor-server init`") from None
 
 
 def _parse_host(host: str) -> x509.GeneralName:
@@ -63,8 +78,8 @@ def _parse_host(host: str) -> x509.GeneralName:
         pass
     labels = host.rstrip(".").split(".")
     if not host or not all(labels) or any(len(l) > 63 or not l.replace("-", "").isalnum() for l in labels):
-        raise CandorError(f"--host {host!r} is neither an IP address nor a valid DNS name "
-                          "(letters, digits, '-' and '.', e.g. fl.hospital.org)")
+        raise ConfigError(f"--host {host!r} is neither an IP address nor a valid DNS name "
+                          "(letters, digits, '-' and '.', e.g. fl.hospital.org); give the name or address sites dial")
     return x509.DNSName(host.rstrip(".").lower())
 
 
@@ -87,13 +102,15 @@ def create_pki(directory: Path, *, federation: str, hosts: list[str]) -> ServerP
     """Create a CA and a server certificate for ``hosts`` in ``directory``.
 
     Raises:
-        CandorError: a host is not an IP address or DNS name, or the files exist.
+        ConfigError: a host is not an IP address or DNS name.
+        FederationError: the files exist already.
     """
     pki = ServerPKI.in_dir(directory)
     sans = subject_alt_names(hosts)
     for path in (pki.ca_cert, pki.ca_key, pki.server_cert, pki.server_key):
         if path.exists():
-            raise CandorError(f"{path} exists already: refusing to replace the federation's keys")
+            raise FederationError(f"{path} exists already: refusing to replace the federation's keys; "
+                                  "create a new federation in a new directory")
     now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate small clock skew
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -144,7 +161,11 @@ def create_pki(directory: Path, *, federation: str, hosts: list[str]) -> ServerP
 
 
 def certificate_hosts(cert_path: Path) -> list[str]:
-    """The DNS names and IP addresses in a certificate's SAN extension."""
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    """The DNS names and IP addresses in a certificate's SAN extension.
+
+    Raises:
+        KeyFileError: the file is not a readable PEM certificate.
+    """
+    cert = _load_certificate(cert_path)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return [*san.get_values_for_type(x509.DNSName), *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]

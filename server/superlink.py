@@ -24,13 +24,17 @@ from typing import Any
 import tomli_w
 
 from candor.common.atomic import write_atomic, write_json_atomic
-from candor.common.errors import CandorError
+from candor.common.errors import ConfigError, FederationError
 from candor.common.processes import (
-    flower_bin, flower_env, flwr_json, free_port, pid_alive, stop_pid_group, superlink_healthy, wait_until,
+    FlwrCommandFailed, flower_bin, flower_env, flwr_json, free_port, last_error_line, pid_alive, stop_pid_group,
+    superlink_healthy, wait_until,
 )
 
 from .federation import CONNECTION, Federation
 from .pki import certificate_hosts
+
+__all__ = ["ACTIVE", "Running", "env", "log_file", "nodes", "online", "reconcile", "register", "running", "start",
+           "stop", "unregister", "uptime"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +73,9 @@ def running(fed: Federation) -> Running | None:
     """The running SuperLink of this federation, or None (a stale pid file is ignored)."""
     try:
         doc = json.loads(pid_file(fed).read_text())
-    except (OSError, ValueError):
+        pid = int(doc["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    pid = int(doc["pid"])
     if not pid_alive(pid) or not _is_our_superlink(pid, fed):
         return None
     return Running(pid, str(doc["host"]), int(doc["port"]), float(doc["started"]))
@@ -98,14 +102,16 @@ def start(fed: Federation, *, host: str = "127.0.0.1", port: int | None = None) 
     """Start the SuperLink and wait until it answers over TLS.
 
     Raises:
-        CandorError: it is running already, the port is taken, or it did not start.
+        FederationError: it is running already, the port is taken, or it did not start.
+        ConfigError: ``host`` is not named by the server certificate.
+        KeyFileError: a certificate or key of the federation is missing, broken or exposed.
     """
     if (current := running(fed)) is not None:
-        raise CandorError(f"the SuperLink of {fed.dir} is running already (pid {current.pid}, "
+        raise FederationError(f"the SuperLink of {fed.dir} is running already (pid {current.pid}, "
                           f"port {current.port}); stop it with `candor-server stop {fed.dir}`")
     fed.pki.check()
     if host not in ("0.0.0.0", "::", "") and host not in certificate_hosts(fed.pki.server_cert):
-        raise CandorError(f"--host {host}: the server certificate does not name it (it names "
+        raise ConfigError(f"--host {host}: the server certificate does not name it (it names "
                           f"{', '.join(certificate_hosts(fed.pki.server_cert))}), so nothing could verify the "
                           "server there; listen on 0.0.0.0 or one of those, or create the federation with that --host")
     port = port or fed.port
@@ -138,8 +144,8 @@ def start(fed: Federation, *, host: str = "127.0.0.1", port: int | None = None) 
 
     def ready() -> bool:
         if proc.poll() is not None:
-            raise CandorError(f"flower-superlink exited with code {proc.returncode} while starting: "
-                              f"{_last_error(log_path)} (full log: {log_path})")
+            raise FederationError(f"flower-superlink exited with code {proc.returncode} while starting: "
+                                  f"{last_error_line(log_path)} (full log: {log_path})")
         return superlink_healthy(state.local_address, ca_cert=fed.pki.ca_cert)
 
     try:
@@ -171,17 +177,8 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as err:
-            raise CandorError(f"cannot listen on {host}:{port} ({err.strerror}): another program (or another "
+            raise FederationError(f"cannot listen on {host}:{port} ({err.strerror}): another program (or another "
                               "federation) uses that port; pass `--port` to `candor-server start`") from None
-
-
-def _last_error(log_path: Path) -> str:
-    try:
-        lines = [l.strip() for l in log_path.read_text(errors="replace").splitlines() if l.strip()]
-    except OSError:
-        return "no log"
-    errors = [l for l in lines if "ERROR" in l or "Error" in l]
-    return (errors or lines or ["no output"])[-1]
 
 
 # --- registered nodes ----------------------------------------------------------------
@@ -198,9 +195,9 @@ def register(fed: Federation, name: str, *, save: bool = True) -> int:
     write_atomic(key_file, entry.public_key + "\n")
     try:
         doc = flwr_json(["supernode", "register", str(key_file), CONNECTION, "--name", name], env=env(fed))
-    except CandorError as err:
+    except FlwrCommandFailed as err:
         if "already in use" in str(err):
-            raise CandorError(f"the SuperLink refuses site '{name}'s key ({entry.fingerprint}): it was registered "
+            raise FederationError(f"the SuperLink refuses site '{name}'s key ({entry.fingerprint}): it was registered "
                               "and removed before, and Flower never re-admits a removed key. Remove the site and "
                               "ask it for a new key (`candor-client new-key SITE_DIR`)") from None
         raise
@@ -238,6 +235,17 @@ def reconcile(fed: Federation) -> list[str]:
         fed.save_registry()  # keep every node id obtained, even if another call failed
     return ([f"registered site '{n}' (node {i})" for n, i in zip(missing, registered)]
             + [f"unregistered node {i} (not in the registry)" for i in extra])
+
+
+def online(fed: Federation) -> dict[str, str]:
+    """Site name (or ``node N`` for a node not in the registry) -> status, for every node the
+    SuperLink counts as active (registered, online or offline)."""
+    out = {}
+    for node in nodes(fed):
+        if node["status"] in ACTIVE:
+            nid = int(node["node-id"])
+            out[fed.site_by_node(nid) or f"node {nid}"] = node["status"]
+    return out
 
 
 def uptime(state: Running) -> str:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from candor.common.commands import add_command
+
 from .audit import PUBLIC_KEY, verify_run
 from .export import publish
+
+__all__ = ["register"]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -32,13 +36,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     audit = subparsers.add_parser("audit", help="check a run's signed audit trail")
     sub = audit.add_subparsers(dest="audit_command", required=True)
-    p = sub.add_parser("verify", help="check every signature and link of a run's audit.jsonl, and the model files")
-    p.add_argument("run_dir", help="a run directory or a published bundle")
+    p = add_command(sub, "verify", cmd_verify,
+                    help="check every signature and link of a run's audit.jsonl, and the model files",
+                    positionals=[("run_dir", "a run directory or a published bundle")])
     p.add_argument("--public-key", help=f"the coordinator's audit public key (default RUN_DIR/{PUBLIC_KEY})")
-    p.set_defaults(func=cmd_verify)
-
-    p = subparsers.add_parser("publish", help="copy a finished run's shareable files (model, card, audit log) "
-                                              "to a new folder")
-    p.add_argument("run_dir")
-    p.add_argument("out_dir", help="a new or empty folder")
-    p.set_defaults(func=cmd_publish)
+    add_command(subparsers, "publish", cmd_publish,
+                help="copy a finished run's shareable files (model, card, audit log) to a new folder",
+                positionals=["run_dir", ("out_dir", "a new or empty folder")])

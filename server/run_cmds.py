@@ -1,0 +1,164 @@
+"""``candor-server run DIR [-c KEY=VALUE ...]``: submit a training run and follow it to the end.
+
+The run's configuration is the federation's run-config defaults with the ``-c``
+overrides on top (``common.config.merge_overrides``); ``min-sites`` defaults to every
+registered site. The command waits for that many sites to connect, submits the app
+with ``flwr run --stream`` (``common.processes.stream_flwr_run``), shows the ServerApp's
+progress lines, and checks the run's final status: ``flwr run`` exits 0 even when the
+ServerApp failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tomli_w
+
+from candor.common.atomic import write_atomic, write_json_atomic
+from candor.common.commands import add_command, add_config_option, add_verbose_option
+from candor.common.config import RunConfig, merge_overrides
+from candor.common.errors import ConfigError, FederationError
+from candor.common.processes import APP_DIR, ProcessTimeout, flower_bin, run_status, stream_flwr_run, wait_until
+from candor.common.progress import show_line
+
+from . import superlink
+from .federation import CONNECTION, Federation
+
+__all__ = ["register"]
+
+FINISH_TIMEOUT = 120.0  # seconds to wait for Flower to report the run finished after `flwr run` returned
+STOP_TIMEOUT = 60.0  # seconds `flwr stop` may take on Ctrl-C
+
+
+def _wait_for_sites(fed: Federation, needed: int, timeout: float) -> None:
+    """Wait until ``needed`` sites are online, printing each change; ``timeout`` in seconds."""
+    last: list[str] = []
+
+    def enough() -> bool:
+        nonlocal last
+        online = sorted(n for n, s in superlink.online(fed).items() if s == "online")
+        if online != last:
+            print(f"{len(online)}/{needed} sites connected: {', '.join(online) or 'none yet'}", flush=True)
+            last = online
+        return len(online) >= needed
+
+    try:
+        wait_until(enough, timeout=timeout, what=f"{needed} sites to connect", interval=1.0)
+    except ProcessTimeout:
+        missing = sorted(set(fed.sites) - set(last))
+        raise FederationError(f"only {len(last)} of the {needed} sites needed are connected after {timeout:.0f} s "
+                              f"(not connected: {', '.join(missing) or '-'}); ask them to run `candor-client start`, "
+                              "or lower the requirement with -c min-sites=N") from None
+
+
+def _new_run_dir(fed: Federation) -> Path:
+    """``runs/<stamp>``, or ``runs/<stamp>-N`` if that exists already (not created yet)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = fed.runs_dir / stamp
+    n = 1
+    while out.exists():
+        n += 1
+        out = fed.runs_dir / f"{stamp}-{n}"
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    fed = Federation.load(Path(args.dir))
+    state = superlink.running(fed)
+    if state is None:
+        raise FederationError(f"the SuperLink of {fed.dir} is not running; start it with `candor-server start {fed.dir}`")
+    out = _new_run_dir(fed)
+    overrides = merge_overrides(args.config, base={"min-sites": max(len(fed.sites), 1), **fed.run_config_defaults()},
+                                schema=str(fed.schema_path), out_dir=str(out))
+    cfg = RunConfig.from_run_config(overrides)
+    if cfg.min_sites > len(fed.sites):
+        raise ConfigError(f"the run needs {cfg.min_sites} sites (min-sites) but only {len(fed.sites)} are "
+                          "registered; add sites or lower -c min-sites")
+    _wait_for_sites(fed, cfg.min_sites, args.wait_sites)
+    out.mkdir(parents=True)
+    config_file = out / "run_config.toml"
+    write_atomic(config_file, tomli_w.dumps(overrides))
+    print(f"Submitting a run of {cfg.num_server_rounds} rounds to {len(fed.sites)} registered sites "
+          f"(at least {cfg.min_sites} per round); outputs in {out}", flush=True)
+    started = time.time()
+    run_id = _submit_and_stream(fed, config_file, out / "flower.log", verbose=args.verbose)
+    if run_id is None:
+        raise FederationError(f"the run was not submitted; see {out / 'flower.log'}")
+    status = _final_status(fed, run_id)
+    seconds = time.time() - started
+    write_json_atomic(out / "run.json", {"run_id": str(run_id), "status": status, "started": started,
+                                          "seconds": seconds, "federation": fed.name})
+    _summary(out, run_id, status, seconds)
+    if status != "finished:completed":
+        raise FederationError(f"run {run_id} ended as '{status}'; the server's log is in {out / 'flower.log'} "
+                              f"(also: FLWR_HOME={fed.flwr_home} flwr log {run_id} {CONNECTION})")
+    return 0
+
+
+def _submit_and_stream(fed: Federation, config_file: Path, log_path: Path, *, verbose: bool) -> int | None:
+    """`flwr run --stream`: log every line with its time, show progress lines; returns the run id.
+    On Ctrl-C the run is stopped on the SuperLink too."""
+    cmd = [flower_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(config_file)]
+    run_id: int | None = None
+
+    def started(found: int) -> None:
+        nonlocal run_id
+        run_id = found
+        print(f"Run {run_id} started; follow it with Flower too: "
+              f"FLWR_HOME={fed.flwr_home} flwr log {run_id} {CONNECTION}", flush=True)
+
+    try:
+        return stream_flwr_run(cmd, env=superlink.env(fed), log_path=log_path, timestamps=True, on_start=started,
+                               on_line=lambda line: show_line(line, verbose=verbose))
+    except KeyboardInterrupt:
+        if run_id is not None:
+            print(f"\nStopping run {run_id}...", file=sys.stderr)
+            subprocess.run([flower_bin("flwr"), "stop", str(run_id), CONNECTION], env=superlink.env(fed),
+                           capture_output=True, timeout=STOP_TIMEOUT)
+        raise
+
+
+def _final_status(fed: Federation, run_id: int, timeout: float = FINISH_TIMEOUT) -> str:
+    """The run's status once Flower reports it finished (`flwr run` exits 0 on failure)."""
+    status = "unknown"
+
+    def finished() -> bool:
+        nonlocal status
+        _, status = run_status(CONNECTION, env=superlink.env(fed), run_id=run_id)
+        return status.startswith("finished")
+
+    try:
+        wait_until(finished, timeout=timeout, what=f"run {run_id} to finish", interval=0.5)
+    except ProcessTimeout:
+        pass
+    return status
+
+
+def _summary(out: Path, run_id: int, status: str, seconds: float) -> None:
+    print(f"\nRun {run_id}: {status} in {seconds:.1f} s.")
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+        privacy = json.loads((out / "privacy.json").read_text())
+    except (OSError, ValueError):
+        return
+    if metrics["rounds"]:
+        last = metrics["rounds"][-1]
+        print("Final held-out metrics (example-weighted over sites): " +
+              ", ".join(f"{k} {v:.3f}" for k, v in last["aggregate"].items() if isinstance(v, (int, float))))
+    for site, p in sorted(privacy.get("sites", {}).items()):
+        print(f"  {site:<20} ε = {p['epsilon']:.3f} for this run (δ = {p['delta']:g}, {p['accountant'].upper()}, "
+              f"{len(p['history'])} rounds)")
+    print(f"Outputs: {out}")
+
+
+def register(subparsers) -> None:
+    p = add_command(subparsers, "run", cmd_run, help="submit a training run and follow it to the end")
+    add_config_option(p, help="run-config override for this run (repeatable)")
+    p.add_argument("--wait-sites", type=float, default=300.0, metavar="SECONDS",
+                   help="how long to wait for min-sites sites to connect before giving up (default 300)")
+    add_verbose_option(p, help="show every line of Flower's log")
