@@ -13,21 +13,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-from candor.common.config import RunConfig, parse_override
-from candor.common.errors import CandorError, DataValidationError
-
-PROGRESS = "[candor]"
-
-
-def _config(overrides: list[str], **fixed: Any) -> RunConfig:
-    values = RunConfig().to_run_config()
-    for text in overrides:
-        key, value = parse_override(text)
-        values[key] = value
-    values.update({k.replace("_", "-"): v for k, v in fixed.items() if v is not None})
-    return RunConfig.from_run_config(values)
+from candor.common.commands import add_config_option, add_verbose_option
+from candor.common.config import RunConfig, merge_overrides
+from candor.common.errors import CandorError, ConfigError
+from candor.common.progress import show_line
 
 
 def _prepare(args: argparse.Namespace, out: Path):
@@ -39,7 +29,7 @@ def _prepare(args: argparse.Namespace, out: Path):
 
     if args.site:
         if not args.schema:
-            raise CandorError("--site needs --schema: the schema every site is validated against "
+            raise ConfigError("--site needs --schema: the schema every site is validated against "
                               "(draft one with `candor-sim schema infer DATA --label COLUMN -o FILE`)")
         schema_path = Path(args.schema).resolve()
         sites = [parse_site_arg(s) for s in args.site]
@@ -58,26 +48,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     schema_path, schema, sites, check_sites = _prepare(args, out)
-    cfg = _config(args.config, schema=str(schema_path), out_dir=str(out))
+    # min-sites defaults to every simulated site; -c min-sites=N lowers it.
+    overrides = merge_overrides(args.config, base={"min-sites": len(sites)}, schema=str(schema_path),
+                                out_dir=str(out))
+    cfg = RunConfig.from_run_config(overrides)
     check_sites(sites, schema, min_rows=cfg.min_rows)
-    manifest = write_manifest(sites, out)
-    overrides = {k: v for k, v in cfg.to_run_config().items() if v != getattr(RunConfig(), k.replace("-", "_"))}
-    overrides.update({"sim-manifest": str(manifest), "schema": str(schema_path), "out-dir": str(out)})
-    if "min-sites" not in {parse_override(c)[0] for c in args.config}:
-        overrides["min-sites"] = len(sites)
+    overrides["sim-manifest"] = str(write_manifest(sites, out))
     print(f"Candor simulation: {len(sites)} sites ({', '.join(s.name for s in sites)}), "
           f"{cfg.num_server_rounds} rounds, " + (
               f"DP on, target ε = {cfg.target_epsilon} per site for the whole run" if cfg.dp and cfg.target_epsilon
               else f"DP on, noise multiplier {cfg.noise_multiplier}" if cfg.dp else "DP OFF (non-private baseline)"))
     print("Starting Flower's simulation engine (about 10-20 s before round 1)...", flush=True)
 
-    def show(line: str) -> None:
-        if PROGRESS in line:
-            print(line[line.index(PROGRESS) + len(PROGRESS):].strip(), flush=True)
-        elif args.verbose or "ERROR" in line or "Traceback" in line:
-            print(line, flush=True)
-
-    result = engine.run(overrides, num_sites=len(sites), log_path=out / "flower.log", on_line=show)
+    result = engine.run(overrides, num_sites=len(sites), log_path=out / "flower.log",
+                        on_line=lambda line: show_line(line, verbose=args.verbose))
     _summary(out, result.seconds)
     return 0
 
@@ -112,7 +96,7 @@ def cmd_pooled(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / (time.strftime("%Y%m%d-%H%M%S") + "-pooled")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     schema_path, schema, sites, check_sites = _prepare(args, out)
-    cfg = _config(args.config, schema=str(schema_path), out_dir=str(out))
+    cfg = RunConfig.from_run_config(merge_overrides(args.config, schema=str(schema_path), out_dir=str(out)))
     check_sites(sites, schema, min_rows=cfg.min_rows)
     result = pooled(schema, sites, cfg)
     from candor.common.atomic import write_json_atomic
@@ -150,8 +134,7 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
     p.add_argument("--partition-seed", type=int, default=0, help="seed of the embedded split (default 0)")
     p.add_argument("--out", help="run directory (default runs/<timestamp>)")
-    p.add_argument("-c", "--config", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a run-config key, as `flwr run -c` (e.g. -c num-server-rounds=5 -c dp=false)")
+    add_config_option(p, help="override a run-config key, as `flwr run -c` (e.g. -c num-server-rounds=5 -c dp=false)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="simulate a federated run (the default command)")
     _data_options(run)
-    run.add_argument("-v", "--verbose", action="store_true", help="show Flower's whole log")
+    add_verbose_option(run, help="show Flower's whole log")
     run.set_defaults(func=cmd_run)
     pooled = sub.add_parser("pooled", help="centralized baseline: pool every site's training rows")
     _data_options(pooled)

@@ -23,7 +23,9 @@ from typing import Any, Iterator
 import tomli_w
 
 from candor.common.errors import CandorError
-from candor.common.processes import APP_DIR, flower_bin, flower_env, free_port, run_status, stop_group, superlink_healthy, wait_until
+from candor.common.processes import (
+    APP_DIR, flower_bin, flower_env, free_port, run_status, stop_group, stream_flwr_run, superlink_healthy, wait_until,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,8 @@ def run(
     """Simulate one run of the Candor app with ``num_sites`` sites.
 
     ``run_config`` overrides keys of ``[tool.flwr.app.config]``; ``on_line`` receives
-    every streamed log line; the full log is written to ``log_path``.
+    every streamed log line (without its newline); the full log is written to
+    ``log_path`` as Flower printed it (``common.processes.stream_flwr_run``).
 
     Raises:
         SimulationError: the SuperLink did not start, or the run did not complete.
@@ -96,19 +99,8 @@ def run(
             overrides.write_text(tomli_w.dumps(dict(run_config)))
             cmd = [flower_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(overrides),
                    "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={num_cpus_per_site}"]
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "w") as log_file:
-                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, bufsize=1, start_new_session=True)
-                try:
-                    assert proc.stdout is not None
-                    for line in proc.stdout:
-                        log_file.write(line)
-                        on_line(line.rstrip("\n"))
-                    proc.wait()
-                finally:
-                    stop_group(proc)
-            run_id, status = run_status(CONNECTION, env=env)
+            submitted = stream_flwr_run(cmd, env=env, log_path=log_path, on_line=on_line)
+            run_id, status = run_status(CONNECTION, env=env, run_id=submitted)
     finally:
         shutil.rmtree(home, ignore_errors=True)
     result = SimulationResult(run_id, status, time.monotonic() - start, log_path)
