@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import sys
 
+from candor.common.commands import add_command
 from candor.common.errors import DataValidationError, SchemaError
 from candor.common.schema import Schema
 from candor.common.validation import read_table, validate
 
-__all__ = ["check"]
+__all__ = ["check", "register"]
 
 
 def _count(n: int, word: str) -> str:
@@ -58,9 +59,9 @@ def check(schema_path: str | os.PathLike, data_path: str | os.PathLike, *, min_r
 
 def register(subparsers) -> None:
     """``candor-client check --schema S --data D``: validate local data; no network."""
-    p = subparsers.add_parser("check", help="validate a data file against the federation's schema (offline)")
+    p = add_command(subparsers, "check", lambda args: check(args.schema, args.data, min_rows=args.min_rows),
+                    help="validate a data file against the federation's schema (offline)", positionals=())
     p.add_argument("--schema", required=True, help="the federation's schema file")
     p.add_argument("--data", required=True, help="the site's CSV or Parquet file")
     p.add_argument("--min-rows", type=int, default=20,
                    help="fewest usable rows DP training needs (default 20, as run config 'min-rows')")
-    p.set_defaults(func=lambda args: check(args.schema, args.data, min_rows=args.min_rows))
