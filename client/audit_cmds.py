@@ -25,8 +25,10 @@ from typing import Any
 
 from candor.common.auditlog import load_public_key, read_log
 from candor.common.errors import SiteError
-from candor.common.privacy import epsilon
+from candor.common.policy import lifetime_spent
+from candor.common.privacy import Accountant
 
+from .budget import SiteBudget
 from .ledger import Ledger
 from .receipts import ledger_path_for, read_receipts
 
@@ -136,11 +138,12 @@ def audit(site_path: str | Path, log_path: str | Path, *, public_key: str | None
         print(f"  {line}")
     if run_entries:
         last = run_entries[-1]
-        eps_run = epsilon([e.mechanism for e in run_entries], delta=last.delta, accountant=last.accountant)
-        eps_life = epsilon([e.mechanism for e in ledger], delta=last.delta, accountant=last.accountant)
+        eps_run = Accountant(last.accountant, delta=last.delta, history=[e.mechanism for e in run_entries]).epsilon()
+        budget_file = Path(ledger_file).with_name("budget.toml")  # a deployed site's own budget, if it set one
+        life = lifetime_spent([e.mechanism for e in ledger], [e.delta for e in ledger], SiteBudget.read(budget_file))
         print(f"Cost: this run spent ε = {eps_run:.3f} of your data (δ = {last.delta:g}, {last.accountant.upper()}, "
-              f"{len(run_entries)} release(s) in your ledger {ledger_file}); lifetime ε = {eps_life:.3f} "
-              f"over {len(ledger)} release(s) in all runs.")
+              f"{len(run_entries)} release(s) in your ledger {ledger_file}); lifetime ε = {life.epsilon:.3f} "
+              f"at δ = {life.delta:g} ({life.accountant.upper()}) over {len(ledger)} release(s) in all runs.")
     else:
         print(f"Cost: your ledger {ledger_file} records no private release in this run "
               + ("(the run was not differentially private: dp=false)." if not start["run_config"].get("dp", True)

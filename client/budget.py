@@ -5,7 +5,7 @@ The file holds at most two numbers, written by ``candor-client start --budget-ep
 
     # This site's lifetime privacy budget (its own setting).
     epsilon = 8.0   # lifetime ε over all runs (> 0)
-    delta = 1e-05   # δ of that budget, in (0, 1); absent = each run's δ
+    delta = 1e-05   # δ of that budget, in (0, 1); absent = the smallest δ of the site's runs
 
 No file (or no ``epsilon``) means no lifetime budget: each run's target applies.
 """
@@ -13,47 +13,22 @@ No file (or no ``epsilon``) means no lifetime budget: each run's target applies.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
 
 from candor.common.atomic import write_atomic
 from candor.common.errors import ConfigError, SiteError
+from candor.common.policy import LifetimeBudget
 
 __all__ = ["SiteBudget"]
 
 _HEADER = "# This site's lifetime privacy budget (its own setting).\n"
 
 
-@dataclass(frozen=True)
-class SiteBudget:
-    """A site's lifetime privacy budget.
-
-    Attributes:
-        epsilon: lifetime ε over all runs, > 0; ``None`` = no lifetime budget.
-        delta: δ of the lifetime budget, in (0, 1); ``None`` = each run's δ.
-    """
-
-    epsilon: float | None = None
-    delta: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.epsilon is not None and not self.epsilon > 0:
-            raise ConfigError(f"--budget-epsilon must be a number > 0 (the lifetime ε this site allows); "
-                              f"got {self.epsilon}. Give a positive number")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise ConfigError(f"--budget-delta must be in (0, 1); got {self.delta}. Give a δ such as 1e-5, "
-                              "or leave it out to use each run's δ")
-
-    def updated(self, *, epsilon: float | None = None, delta: float | None = None) -> SiteBudget:
-        """This budget with the values given (``None`` keeps the current one)."""
-        return SiteBudget(self.epsilon if epsilon is None else float(epsilon),
-                          self.delta if delta is None else float(delta))
-
-    def as_dict(self) -> dict[str, float]:
-        """The values set, as budget.toml holds them: ``{"epsilon": ..., "delta": ...}``."""
-        return {key: value for key, value in (("epsilon", self.epsilon), ("delta", self.delta)) if value is not None}
+class SiteBudget(LifetimeBudget):
+    """The site's :class:`~candor.common.policy.LifetimeBudget` as ``budget.toml`` holds it:
+    the same rule (the policy's), read from and written to the site's own file."""
 
     @classmethod
     def read(cls, path: Path) -> SiteBudget:

@@ -5,8 +5,8 @@ It lives in one JSON file, rewritten atomically (``common.atomic``) under an exc
 ``flock`` so that concurrent ClientApp processes of one site serialise. Entries are
 only ever appended: a rewrite that would drop or change an existing entry is refused.
 ε is never stored as the authority: it is recomputed from the recorded mechanisms
-(``common.privacy.epsilon``); the value stored beside each entry is what the site was
-told at the time, kept for audit.
+(the lifetime figure by ``candor.common.policy.lifetime_spent``); the value stored beside
+each entry is what the site was told at the time, kept for audit.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from candor.common.atomic import write_json_atomic
 from candor.common.errors import LedgerError
-from candor.common.privacy import MechanismRecord, epsilon
+from candor.common.privacy import MechanismRecord
 
 LEDGER_VERSION = 1
 
@@ -68,9 +68,6 @@ class Ledger:
 
     def history(self, *, run_id: str | None = None) -> list[MechanismRecord]:
         return [e.mechanism for e in self.entries() if run_id is None or e.mechanism.run_id == run_id]
-
-    def lifetime_epsilon(self, *, delta: float, accountant: str = "prv") -> float:
-        return epsilon(self.history(), delta=delta, accountant=accountant)
 
     @contextmanager
     def locked(self) -> Iterator[None]:

@@ -26,29 +26,25 @@ from .supernode import run_supernode, write_node_config
 __all__ = ["register"]
 
 
-def _budget_lines(site: SiteDir, name: str, budget: dict[str, float]) -> list[str]:
-    """What ``start`` prints about the site's lifetime budget and what its ledger has spent.
-
-    Args:
-        budget: the site's budget file's values (``SiteBudget.as_dict()``).
-    """
-    # common.privacy and .ledger import opacus and pandas: imported here, not at the top.
-    from candor.common.privacy import epsilon
+def _budget_lines(site: SiteDir, name: str, budget: SiteBudget) -> list[str]:
+    """What ``start`` prints about the site's lifetime budget and what its ledger has
+    spent: :func:`candor.common.policy.lifetime_spent`, the rule the ClientApp enforces."""
+    if budget.epsilon is None:
+        return ["Privacy budget: none set (each run's target applies); set one with --budget-epsilon E."]
+    # common.policy and .ledger import opacus and pandas: imported here, not at the top.
+    from candor.common.policy import lifetime_spent
 
     from .ledger import Ledger
 
-    ledger = Ledger(site.ledger_path, site=name)
-    spent = ledger.history()
-    if "epsilon" in budget:
-        delta = budget.get("delta") or min((e.delta for e in ledger.entries()), default=1e-5)
-        used = epsilon(spent, delta=delta, accountant="prv")
-        lines = [f"Privacy budget: lifetime ε ≤ {budget['epsilon']:g}" +
-                 (f" at δ = {budget['delta']:g}" if "delta" in budget else " (at each run's δ)") +
-                 f"; spent so far ε = {used:.3f} over {len(spent)} rounds."]
-        if used >= budget["epsilon"]:
-            lines.append("The budget is spent: this site will refuse every private training round.")
-        return lines
-    return ["Privacy budget: none set (each run's target applies); set one with --budget-epsilon E."]
+    entries = Ledger(site.ledger_path, site=name).entries()
+    spent = lifetime_spent([e.mechanism for e in entries], [e.delta for e in entries], budget)
+    lines = [f"Privacy budget: lifetime ε ≤ {budget.epsilon:g} at δ = " +
+             (f"{budget.delta:g}" if budget.delta else "the smallest δ of this site's runs") +
+             f"; spent so far ε = {spent.epsilon:.3f} at δ = {spent.delta:g} ({spent.accountant.upper()}) "
+             f"over {spent.rounds} rounds."]
+    if spent.epsilon >= budget.epsilon:
+        lines.append("The budget is spent: this site will refuse every private training round.")
+    return lines
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -85,7 +81,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if test is not None:
         load_table(test, schema, min_rows=1)
     print(f"Data OK: {data} has {rows} usable rows for schema {schema.sha256()[:12]}.")
-    for line in _budget_lines(site, name, budget.as_dict()):
+    for line in _budget_lines(site, name, budget):
         print(line)
 
     # 2. The key and the server, before Flower starts.

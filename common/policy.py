@@ -24,7 +24,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import BudgetExceeded
+from .errors import BudgetExceeded, ConfigError
 from .privacy import Accountant, MechanismRecord, calibrate_noise_multiplier, check_accountant, default_delta
 
 __all__ = ["LIFETIME_ACCOUNTANT", "LifetimeBudget", "LifetimeSpent", "RunPrivacy", "check_release",
@@ -119,6 +119,23 @@ class LifetimeBudget:
 
     epsilon: float | None = None
     delta: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise ConfigError(f"--budget-epsilon must be a number > 0 (the lifetime ε this site allows); "
+                              f"got {self.epsilon}. Give a positive number")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(f"--budget-delta must be in (0, 1); got {self.delta}. Give a δ such as 1e-5, "
+                              "or leave it out to use the smallest δ of the site's runs")
+
+    def updated(self, *, epsilon: float | None = None, delta: float | None = None) -> LifetimeBudget:
+        """This budget with the values given (``None`` keeps the current one)."""
+        return type(self)(self.epsilon if epsilon is None else float(epsilon),
+                          self.delta if delta is None else float(delta))
+
+    def as_dict(self) -> dict[str, float]:
+        """The values set: ``{"epsilon": ..., "delta": ...}`` (either may be absent)."""
+        return {key: value for key, value in (("epsilon", self.epsilon), ("delta", self.delta)) if value is not None}
 
     def delta_for(self, deltas: Sequence[float]) -> float:
         """The lifetime δ, given the δs recorded in the ledger (and any planned one)."""

@@ -14,6 +14,7 @@ import pytest
 
 from candor.client.ledger import Ledger, new_entry
 from candor.common.errors import CandorError
+from candor.common.policy import LifetimeBudget, lifetime_spent
 from candor.common.privacy import MechanismRecord, epsilon
 
 
@@ -31,7 +32,8 @@ def test_entries_accumulate_across_runs(tmp_path):
     reopened = Ledger(tmp_path / "ledger.json", site="h1")
     assert [e.mechanism.round for e in reopened.entries()] == [1, 2, 1]
     assert len(reopened.history(run_id="a")) == 2
-    lifetime = reopened.lifetime_epsilon(delta=1e-5)
+    entries = reopened.entries()
+    lifetime = lifetime_spent([e.mechanism for e in entries], [e.delta for e in entries], LifetimeBudget()).epsilon
     assert lifetime == pytest.approx(epsilon(reopened.history(), delta=1e-5))
     assert lifetime > epsilon(reopened.history(run_id="a"), delta=1e-5)
 
