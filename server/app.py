@@ -16,11 +16,12 @@ from candor.common.demo import DEMO_SCHEMA_PATH
 from candor.common.encoding import Encoder
 from candor.common.errors import CandorError
 from candor.common.models import build_model
+from candor.common.progress import PROGRESS
 from candor.common.schema import Schema
 
 from .audit import AuditLog, load_private_key
 from .export import finalise
-from .outputs import PROGRESS, RunRecorder
+from .outputs import RunRecorder
 from .strategy import assemble, build_strategy
 
 logging.getLogger("flwr").propagate = False

@@ -32,8 +32,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from candor.common.errors import message
+from candor.common.progress import PROGRESS
 
-from .outputs import PROGRESS, site_of
+from .outputs import site_of
 from .wrapper import HidesUpdates, StrategyWrapper, layers
 
 __all__ = ["UpdateChecks", "check_update"]

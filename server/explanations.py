@@ -30,8 +30,9 @@ from candor.common.atomic import write_atomic, write_json_atomic
 from candor.common.config import RunConfig
 from candor.common.errors import CandorError
 from candor.common.privacy import MechanismRecord, epsilon
+from candor.common.progress import PROGRESS
 
-from .outputs import PROGRESS, RunRecorder
+from .outputs import RunRecorder
 
 __all__ = ["aggregate", "card_section", "explain_federated", "plot_importance"]
 

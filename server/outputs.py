@@ -27,10 +27,10 @@ from candor.common.atomic import json_safe, write_atomic, write_json_atomic
 from candor.common.config import RunConfig
 from candor.common.model_file import MODEL_FILE, ModelFile
 from candor.common.privacy import PRIVACY_UNIT, MechanismRecord, epsilon
+from candor.common.progress import PROGRESS
 from candor.common.schema import Schema
 
 logger = logging.getLogger(__name__)
-PROGRESS = "[candor]"  # prefix of the per-round lines commands show to the user
 
 
 def site_of(msg: Message) -> str:

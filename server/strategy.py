@@ -23,11 +23,12 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from candor.common.config import RunConfig
+from candor.common.progress import PROGRESS
 
 from .audit import AuditLog
 from .audited import AuditedStrategy
 from .checks import UpdateChecks
-from .outputs import PROGRESS, RunRecorder
+from .outputs import RunRecorder
 from .recording import RecordingStrategy
 from .secagg import MIN_SITES, RECORD_FILE, SecureAggregation
 

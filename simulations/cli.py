@@ -60,7 +60,11 @@ def cmd_run(args: argparse.Namespace) -> int:
               else f"DP on, noise multiplier {cfg.noise_multiplier}" if cfg.dp else "DP OFF (non-private baseline)"))
     print("Starting Flower's simulation engine (about 10-20 s before round 1)...", flush=True)
 
-    result = engine.run(overrides, num_sites=len(sites), log_path=out / "flower.log",
+    app_dir = Path(args.app_dir).resolve() if args.app_dir else engine.APP_DIR
+    if not (app_dir / "pyproject.toml").is_file():
+        raise ConfigError(f"--app-dir {app_dir}: not a Flower App directory (no pyproject.toml); give a directory "
+                          "whose pyproject.toml has [tool.flwr.app], or leave --app-dir out for Candor's own app")
+    result = engine.run(overrides, num_sites=len(sites), log_path=out / "flower.log", app_dir=app_dir,
                         on_line=lambda line: show_line(line, verbose=args.verbose))
     _summary(out, result.seconds)
     return 0
@@ -143,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="simulate a federated run (the default command)")
     _data_options(run)
     add_verbose_option(run, help="show Flower's whole log")
+    run.add_argument("--app-dir", help="a Flower App directory to simulate instead of Candor's own (e.g. one whose "
+                                       "ClientApp wraps Candor's with mods of your own); same run config keys")
     run.set_defaults(func=cmd_run)
     pooled = sub.add_parser("pooled", help="centralized baseline: pool every site's training rows")
     _data_options(pooled)

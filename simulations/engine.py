@@ -76,8 +76,10 @@ def run(
     log_path: Path,
     on_line: Callable[[str], None] = lambda line: None,
     num_cpus_per_site: int = 1,
+    app_dir: Path = APP_DIR,
 ) -> SimulationResult:
-    """Simulate one run of the Candor app with ``num_sites`` sites.
+    """Simulate one run of the Candor app (or the Flower App in ``app_dir``) with
+    ``num_sites`` sites.
 
     ``run_config`` overrides keys of ``[tool.flwr.app.config]``; ``on_line`` receives
     every streamed log line (without its newline); the full log is written to
@@ -97,7 +99,7 @@ def run(
             }}))
             overrides = home / "run_config.toml"
             overrides.write_text(tomli_w.dumps(dict(run_config)))
-            cmd = [flower_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(overrides),
+            cmd = [flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(overrides),
                    "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={num_cpus_per_site}"]
             submitted = stream_flwr_run(cmd, env=env, log_path=log_path, on_line=on_line)
             run_id, status = run_status(CONNECTION, env=env, run_id=submitted)

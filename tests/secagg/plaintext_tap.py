@@ -9,7 +9,7 @@ test_secagg_simulation.py recomputes plaintext FedAvg from those files and compa
 with what the coordinator produced from the masked sum.
 
 This module lives under tests/ only: the test's simulation submits a Flower App directory
-whose ``clientapp`` component is this module's ``app`` (see sim_with_app.py). Production
+whose ``clientapp`` component is this module's ``app`` (run with `candor-sim run --app-dir`). Production
 code has no such hook.
 """
 

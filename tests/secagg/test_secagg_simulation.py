@@ -48,8 +48,8 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("secagg-sim")
     out, dump = base / "run", base / "site-updates"
     proc = subprocess.run(
-        [sys.executable, str(HERE / "sim_with_app.py"), str(tapped_app(base / "app")),
-         "run", "--num-sites", "3", "--out", str(out), "-c", "num-server-rounds=2",
+        [str(Path(sys.executable).parent / "candor-sim"), "run", "--app-dir", str(tapped_app(base / "app")),
+         "--num-sites", "3", "--out", str(out), "-c", "num-server-rounds=2",
          "-c", "secure-aggregation=true", "-c", f"target-epsilon={TARGET}",
          "-c", "explain=false"],  # the explanation phase does not involve aggregation
         capture_output=True, text=True, timeout=600,
