@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from candor.common.atomic import write_atomic
+from candor.common.atomic import write_atomic, write_figure_atomic
 from candor.common.errors import ConfigError
 from candor.common.explain import Explanation, LoadedModel, Records, attribute, load_model, load_records, predict
 from candor.common.schema import indicator_column
@@ -175,10 +175,7 @@ def waterfall(loaded: LoadedModel, records: Records, expl: Explanation, i: int, 
     ax.set_title(f"Record {records.ids[i]}: P({outcome}) = {expl.output[i]:.3f}, "
                  f"reference record {start:.3f} (dotted)", fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
+    write_figure_atomic(fig, path)
 
 
 def _common(p) -> None:

@@ -50,3 +50,15 @@ def json_safe(obj: Any) -> Any:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_atomic(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def write_figure_atomic(fig: Any, path: str | os.PathLike, *, dpi: int = 110) -> None:
+    """Render the matplotlib figure ``fig`` to PNG at ``path`` atomically, then close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())

@@ -17,7 +17,6 @@ if it opted out. The coordinator
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from candor.common.atomic import write_atomic, write_json_atomic
+from candor.common.atomic import write_figure_atomic, write_json_atomic
 from candor.common.config import RunConfig
 from candor.common.errors import CandorError
 from candor.common.privacy import MechanismRecord, epsilon
@@ -148,10 +147,7 @@ def plot_importance(doc: dict[str, Any], path: Path, *, top: int = 20) -> None:
         fig.suptitle(f"Feature importance, DP release per site (σ = {doc['release']['noise_multiplier']}, "
                      f"C = {doc['release']['clip']}): noisy, values may be < 0", fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
+    write_figure_atomic(fig, path)
 
 
 def card_section(doc: dict[str, Any], *, top: int = 10) -> str:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-from candor.common.atomic import write_atomic
+from candor.common.atomic import write_figure_atomic
 from candor.common.privacy import MechanismRecord, epsilon
 
 
@@ -36,7 +35,4 @@ def plot_progress(metrics: dict[str, Any], privacy: dict[str, Any], path: Path) 
         ax_eps.text(0.5, 0.5, "DP off: no guarantee", ha="center", transform=ax_eps.transAxes)
     ax_eps.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
+    write_figure_atomic(fig, path)
