@@ -71,7 +71,7 @@ def _train(site: SiteContext, msg: Message) -> Message:
                        num_outputs=site.schema.num_outputs, generator=generator)
         metrics["train-loss"] = result.loss
     else:
-        run = RunPrivacy.from_config(cfg, num_records=n, explain=not spec.explain_opt_out)
+        run = RunPrivacy.from_config(cfg, num_records=n, explain=not spec.explain_opt_out, limits=spec.limits)
         spending = Spending(Ledger(spec.ledger_path, site=spec.name), run=run, budget=spec.budget,
                             run_id=site.run_id, site=spec.name)
         with spending.locked():

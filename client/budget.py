@@ -51,4 +51,4 @@ class SiteBudget(LifetimeBudget):
 
     def write(self, path: Path) -> None:
         """Write the budget atomically to ``path``."""
-        write_atomic(path, _HEADER + tomli_w.dumps(self.as_dict()))
+        write_atomic(path, _HEADER + tomli_w.dumps(self.as_dict()), mode=0o600)  # the site's own: owner only

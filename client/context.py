@@ -37,7 +37,13 @@ class SiteContext:
         torch.set_num_threads(1)
         self.cfg = RunConfig.from_run_config(context.run_config)
         self.spec: SiteSpec = resolve_site(context.node_config, self.cfg)
+        self.spec.check_run(self.cfg)  # before any data is read or any plug-in imported
         self.schema = Schema.load(self.spec.schema_path)
+        if self.spec.schema_sha256 and self.schema.sha256() != self.spec.schema_sha256:
+            raise SchemaError(
+                f"site '{self.spec.name}': its schema file {self.spec.schema_path} (sha256 "
+                f"{self.schema.sha256()[:12]}) is not the schema it accepted ({self.spec.schema_sha256[:12]}); "
+                "it was changed on disk: restore it with `candor-client start SITE_DIR --invite FILE`")
         expected = msg.content["config"].get("schema-sha256")
         if expected and expected != self.schema.sha256():
             raise SchemaError(
@@ -46,9 +52,9 @@ class SiteContext:
                 "fetch the federation's schema from the coordinator"
             )
         split_seed = stable_seed(self.cfg.seed, self.spec.name, "split")
-        if self.cfg.data_loader:
+        if self.spec.data_loader:
             self.data: SiteData = load_plugin_site(
-                self.cfg.data_loader, self.spec.data_path, test_path=self.spec.test_path,
+                self.spec.data_loader, self.spec.data_path, test_path=self.spec.test_path,
                 test_fraction=self.cfg.test_fraction, seed=split_seed)
         else:
             self.data = load_site(

@@ -70,7 +70,7 @@ def _explain(site: SiteContext, msg: Message) -> Message:
         extra["release"] = "exact"
     else:
         # the δ of the site's training: the release composes with it in one run
-        run = RunPrivacy.from_config(cfg, num_records=len(site.data.train), explain=True)
+        run = RunPrivacy.from_config(cfg, num_records=len(site.data.train), explain=True, limits=spec.limits)
         record = release_mechanism(round=site.round, noise_multiplier=cfg.explain_noise_multiplier,
                                    run_id=site.run_id)
         spending = Spending(Ledger(spec.ledger_path, site=spec.name), run=run, budget=spec.budget,

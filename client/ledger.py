@@ -73,7 +73,8 @@ class Ledger:
     def locked(self) -> Iterator[None]:
         """Hold the site's ledger lock: check-then-append must not interleave."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as fh:
+        lock = self.path.with_name(self.path.name + ".lock")
+        with open(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
@@ -89,7 +90,7 @@ class Ledger:
             "privacy_unit": "one record",
             "entries": [e.to_dict() for e in entries] + [entry.to_dict()],
         }
-        write_json_atomic(self.path, doc)
+        write_json_atomic(self.path, doc, mode=0o600)  # the site's record: its owner only
 
 
 def new_entry(mechanism: MechanismRecord, *, accountant: str, delta: float, epsilon_run: float) -> LedgerEntry:

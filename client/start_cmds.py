@@ -4,7 +4,11 @@
 key and reaches the server over TLS (:mod:`client.preflight`) before it runs Flower's
 SuperNode (:mod:`client.supernode`), so that a wrong CA, an unreadable key or a server
 that is down each give one clear line. ``--budget-epsilon/--budget-delta`` set the site's
-lifetime budget (:mod:`client.budget`), kept in the site directory across restarts.
+lifetime budget (:mod:`client.budget`), and ``--max-rounds``, ``--max-run-epsilon``,
+``--max-grad-norm``, ``--max-batch-size``, ``--allow-non-private`` its limits on any run
+(:class:`candor.common.policy.SiteLimits`), both kept in the site directory across
+restarts; ``--data-loader`` and ``--allow-model-plugin`` name the only plug-in code the
+site runs. A coordinator's run config can change none of these.
 """
 
 from __future__ import annotations
@@ -47,6 +51,43 @@ def _budget_lines(site: SiteDir, name: str, budget: SiteBudget) -> list[str]:
     return lines
 
 
+_LIMIT_OPTIONS = ("max_rounds", "max_run_epsilon", "max_grad_norm", "max_batch_size")
+
+
+def _update_limits(site: SiteDir, config: dict, args: argparse.Namespace) -> dict:
+    """The site's limits and plug-ins: site.toml's ``[limits]`` with this start's options
+    applied (saved when they change). Returns the ``[limits]`` table."""
+    limits = dict(config.get("limits", {}))
+    for name in _LIMIT_OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            limits[name.replace("_", "-")] = value
+    if args.allow_non_private is not None:
+        limits["allow-non-private"] = args.allow_non_private
+    if args.data_loader is not None:
+        limits["data-loader"] = args.data_loader
+    if args.allow_model_plugin:
+        limits["model-plugins"] = sorted(set(limits.get("model-plugins", [])) | set(args.allow_model_plugin))
+    from candor.common.policy import SiteLimits
+
+    SiteLimits(**{name: limits.get(name.replace("_", "-")) for name in _LIMIT_OPTIONS},
+               allow_non_private=bool(limits.get("allow-non-private")))  # a bad value: one line, nothing saved
+    if limits != config.get("limits", {}):
+        config["limits"] = limits
+        site.save_config(config)
+    return limits
+
+
+def _limits_line(limits: dict) -> str:
+    shown = [f"{k} {limits[k]:g}" for k in ("max-rounds", "max-run-epsilon", "max-grad-norm", "max-batch-size")
+             if limits.get(k)]
+    private = ("non-private runs allowed (--allow-non-private)" if limits.get("allow-non-private")
+               else "private runs only")
+    plugins = ", ".join(limits.get("model-plugins", [])) or "none"
+    return (f"Run limits (this site's own, in site.toml): {', '.join(shown) or 'no numeric limits'}; {private}; "
+            f"data loader {limits.get('data-loader') or 'built-in CSV/Parquet'}; model plug-ins allowed: {plugins}.")
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     site = SiteDir(Path(args.dir).resolve())
     config = site.config()
@@ -70,6 +111,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         config["explain-opt-out"] = args.explain_opt_out
         site.save_config(config)
     explain_opt_out = bool(config.get("explain-opt-out", False))
+    limits = _update_limits(site, config, args)
 
     from candor.common.validation import load_table  # imports pandas: only here
 
@@ -90,7 +132,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     print(f"Server {server} reached over TLS; certificate verified against {site.ca_cert}.")
 
     # 3. Flower's SuperNode.
-    node_config = write_node_config(site, name, data, test, budget, explain_opt_out=explain_opt_out)
+    print(_limits_line(limits))
+    node_config = write_node_config(site, name, data, test, budget, explain_opt_out=explain_opt_out,
+                                    limits=limits, schema_sha256=str(config.get("schema-sha256", "")))
     if explain_opt_out:
         print("This site sends no feature importances (explain opt-out, kept in site.toml).")
     return run_supernode(site, name, server=server, node_config=node_config, runtime_port=args.runtime_port,
@@ -112,5 +156,18 @@ def register(subparsers) -> None:
                    help="send nothing for the federated explanation of the final model (kept in site.toml)")
     p.add_argument("--explain-opt-in", dest="explain_opt_out", action="store_const", const=False,
                    help="undo --explain-opt-out")
+    p.add_argument("--max-rounds", type=int, metavar="N", help="refuse any run of more than N rounds (kept in site.toml)")
+    p.add_argument("--max-run-epsilon", type=float, metavar="E",
+                   help="the most ε one run may cost this site, training and releases together (kept in site.toml)")
+    p.add_argument("--max-grad-norm", type=float, metavar="C", help="refuse any run clipping at a norm above C")
+    p.add_argument("--max-batch-size", type=int, metavar="B", help="refuse any run with an expected batch above B")
+    p.add_argument("--allow-non-private", dest="allow_non_private", action="store_const", const=True,
+                   help="let runs with dp=false train on this site's data (default: private runs only)")
+    p.add_argument("--private-only", dest="allow_non_private", action="store_const", const=False,
+                   help="undo --allow-non-private")
+    p.add_argument("--data-loader", metavar="MODULE:FUNCTION",
+                   help="this site's own plug-in data loader (docs/plugins.md); a run config cannot name one")
+    p.add_argument("--allow-model-plugin", action="append", default=[], metavar="MODULE:FACTORY",
+                   help="a plug-in model this site allows a run to use (repeatable)")
     p.add_argument("--runtime-port", type=int, help="local port of the SuperNode's Runtime API (default: a free one)")
     add_verbose_option(p, help="print every line of the SuperNode's log")

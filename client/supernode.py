@@ -42,14 +42,22 @@ PUMP_DRAIN = 15.0  # seconds to wait for the last lines once the SuperNode has e
 
 
 def write_node_config(site: SiteDir, name: str, data: Path, test: Path | None, budget: SiteBudget,
-                      *, explain_opt_out: bool = False) -> Path:
-    """Write ``node_config.toml`` (a file: paths with spaces or quotes stay intact); returns its path."""
+                      *, explain_opt_out: bool = False, limits: dict[str, Any] | None = None,
+                      schema_sha256: str = "") -> Path:
+    """Write ``node_config.toml`` (a file: paths with spaces or quotes stay intact); returns its path.
+
+    ``limits``: site.toml's ``[limits]`` (``max-rounds``, ..., ``data-loader``,
+    ``model-plugins``), passed as node config keys (client/site.py reads them)."""
     config: dict[str, Any] = {
         "site-name": name,
         "data-path": str(data),
         "schema-path": str(site.schema_path),
         "site-dir": str(site.dir),
     }
+    if schema_sha256:
+        config["schema-sha256"] = schema_sha256
+    for key, value in (limits or {}).items():
+        config[key] = ",".join(value) if key == "model-plugins" else value
     if test is not None:
         config["test-path"] = str(test)
     if budget.epsilon is not None:

@@ -48,8 +48,8 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_atomic(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, mode: int = 0o644) -> None:
+    write_atomic(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n", mode=mode)
 
 
 def write_figure_atomic(fig: Any, path: str | os.PathLike, *, dpi: int = 110) -> None:

@@ -84,6 +84,11 @@ class BudgetExceeded(CandorError):
     target or its lifetime privacy budget; nothing was trained, sent or recorded."""
 
 
+class RunRefused(CandorError):
+    """A site refuses a run whose settings are outside the site's own limits (its
+    setting, never the coordinator's), or that tries to select code or paths at the site."""
+
+
 class LedgerError(CandorError):
     """A site's privacy ledger is unreadable, or a write would change its history."""
 

@@ -9,8 +9,12 @@ a site is told is what it enforces:
   training round *plus* the explanation release meets the target;
 - :class:`LifetimeBudget`, the site's own lifetime limit over every run (its setting,
   never the coordinator's): ε, the δ it is stated at, and :data:`LIFETIME_ACCOUNTANT`;
+- :class:`SiteLimits`, what a site allows a coordinator's run to ask of it (rounds, the
+  ε one run may cost it, clipping norm, batch size, non-private training): a run outside
+  them is refused before anything is read (:class:`~candor.common.errors.RunRefused`);
 - :func:`check_release`, which refuses (:class:`~candor.common.errors.BudgetExceeded`)
-  a release that would take the run past its target or the site past its budget;
+  a release that would take the run past its target (or the site's own per-run limit)
+  or the site past its budget;
 - :func:`lifetime_spent`, the lifetime ε that ``candor-client start`` and ``ledger``
   report, computed by the same rule :func:`check_release` enforces.
 
@@ -24,10 +28,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import BudgetExceeded, ConfigError
+from .errors import BudgetExceeded, ConfigError, RunRefused
 from .privacy import Accountant, MechanismRecord, calibrate_noise_multiplier, check_accountant, default_delta
 
-__all__ = ["LIFETIME_ACCOUNTANT", "LifetimeBudget", "LifetimeSpent", "RunPrivacy", "check_release",
+__all__ = ["LIFETIME_ACCOUNTANT", "LifetimeBudget", "LifetimeSpent", "RunPrivacy", "SiteLimits", "check_release",
            "lifetime_spent"]
 
 logger = logging.getLogger(__name__)
@@ -60,19 +64,21 @@ class RunPrivacy:
     noise_multiplier: float
     rounds: int
     explain_noise_multiplier: float | None = None
+    site_max_epsilon: float | None = None  # the site's own limit on one run's ε (SiteLimits)
 
     def __post_init__(self) -> None:
         check_accountant(self.accountant)
 
     @classmethod
-    def from_config(cls, cfg, *, num_records: int, explain: bool) -> RunPrivacy:
+    def from_config(cls, cfg, *, num_records: int, explain: bool, limits: SiteLimits | None = None) -> RunPrivacy:
         """From the run config ``cfg`` (a :class:`~candor.common.config.RunConfig`) for a
         site with ``num_records`` training records; ``explain``: the site takes part
-        in the explanation release."""
+        in the explanation release; ``limits``: the site's own limits."""
         return cls(accountant=cfg.accountant, delta=cfg.target_delta or default_delta(num_records),
                    target_epsilon=cfg.target_epsilon, noise_multiplier=cfg.noise_multiplier,
                    rounds=cfg.num_server_rounds,
-                   explain_noise_multiplier=cfg.explain_noise_multiplier if cfg.explain and explain else None)
+                   explain_noise_multiplier=cfg.explain_noise_multiplier if cfg.explain and explain else None,
+                   site_max_epsilon=limits.max_run_epsilon if limits is not None else None)
 
     def accountant_for(self, history: Sequence[MechanismRecord] = ()) -> Accountant:
         return Accountant(self.accountant, delta=self.delta, history=history)
@@ -143,6 +149,59 @@ class LifetimeBudget:
 
 
 @dataclass(frozen=True)
+class SiteLimits:
+    """What a site allows a coordinator's run to ask of it: the site's own setting
+    (``candor-client start --max-rounds ... --max-run-epsilon ...``), never the run's.
+
+    Attributes:
+        max_rounds: the most training rounds one run may have; ``None`` = no limit.
+        max_run_epsilon: the most ε one run may cost this site (training and releases
+            together, at the run's δ); ``None`` = no limit beyond the run's target.
+        max_grad_norm: the largest clipping norm C a run may use; ``None`` = no limit.
+        max_batch_size: the largest expected batch a run may use; ``None`` = no limit.
+        allow_non_private: whether a run with ``dp = false`` (updates and explanation
+            statistics without differential privacy) may train on this site's data.
+    """
+
+    max_rounds: int | None = None
+    max_run_epsilon: float | None = None
+    max_grad_norm: float | None = None
+    max_batch_size: int | None = None
+    allow_non_private: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_rounds", "max_run_epsilon", "max_grad_norm", "max_batch_size"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number > 0 (a limit this site sets on "
+                                  f"every run); got {value}. Give a positive number, or leave it out for no limit")
+
+    def check(self, cfg, *, site: str) -> None:
+        """Refuse the run config ``cfg`` if it asks more of this site than it allows.
+
+        Raises:
+            RunRefused: naming the setting, the value the run asks, the site's limit and
+                the option that sets it.
+        """
+        def refuse(setting: str, asked: object, limit: str) -> RunRefused:
+            return RunRefused(f"site '{site}' refuses this run: {setting} = {asked} is outside this site's "
+                              f"limit ({limit}). The coordinator can run within it; the site sets its limits with "
+                              "`candor-client start`")
+
+        if not cfg.dp and not self.allow_non_private:
+            raise refuse("dp", "false", "private training only: without DP its updates would leave unprotected; "
+                                        "--allow-non-private permits it")
+        if self.max_rounds is not None and cfg.num_server_rounds > self.max_rounds:
+            raise refuse("num-server-rounds", cfg.num_server_rounds, f"--max-rounds {self.max_rounds}")
+        if cfg.dp and self.max_run_epsilon is not None and cfg.target_epsilon > self.max_run_epsilon:
+            raise refuse("target-epsilon", cfg.target_epsilon, f"--max-run-epsilon {self.max_run_epsilon:g}")
+        if self.max_grad_norm is not None and cfg.max_grad_norm > self.max_grad_norm:
+            raise refuse("max-grad-norm", cfg.max_grad_norm, f"--max-grad-norm {self.max_grad_norm:g}")
+        if self.max_batch_size is not None and cfg.batch_size > self.max_batch_size:
+            raise refuse("batch-size", cfg.batch_size, f"--max-batch-size {self.max_batch_size}")
+
+
+@dataclass(frozen=True)
 class LifetimeSpent:
     """What a site has spent over its lifetime: ε at δ under the lifetime accountant."""
 
@@ -175,12 +234,17 @@ def check_release(planned: MechanismRecord, *, run: RunPrivacy, run_history: Seq
             δ; nothing has been trained, sent or recorded.
     """
     label = f"round {planned.round}" if what == "round" else what
-    if run.target_epsilon > 0:
+    if run.target_epsilon > 0 or run.site_max_epsilon is not None:
         eps = run.accountant_for([*run_history, planned]).epsilon()
-        if eps > run.target_epsilon:
+        if run.target_epsilon > 0 and eps > run.target_epsilon:
             raise BudgetExceeded(
                 f"site '{site}' refuses {label}: it would bring this run's ε to "
                 f"{eps:.3f} > target {run.target_epsilon} (δ = {run.delta:g})")
+        if run.site_max_epsilon is not None and eps > run.site_max_epsilon:
+            raise BudgetExceeded(
+                f"site '{site}' refuses {label}: it would bring this run's ε to {eps:.3f} > "
+                f"{run.site_max_epsilon}, the most one run may cost this site (its --max-run-epsilon; "
+                f"δ = {run.delta:g}). Nothing was trained or recorded.")
     if budget.epsilon is not None:
         before = lifetime_spent(lifetime_history, [*lifetime_deltas, run.delta], budget)
         after = Accountant(LIFETIME_ACCOUNTANT, delta=before.delta, history=lifetime_history).compose(planned)

@@ -43,6 +43,8 @@ def test_ledger_is_not_world_writable(tmp_path):
     with ledger.locked():
         ledger.append(_entry(1))
     assert not os.stat(tmp_path / "ledger.json").st_mode & 0o002
+    assert os.stat(tmp_path / "ledger.json").st_mode & 0o777 == 0o600  # a site's records: its owner only
+    assert os.stat(tmp_path / "ledger.json.lock").st_mode & 0o777 == 0o600
 
 
 def test_corrupt_ledger_is_a_clear_error_not_a_reset(tmp_path):

@@ -25,6 +25,7 @@ def manifest(tmp_path):
 def test_a_deployed_site_draws_os_entropy_whatever_the_run_config_says(tmp_path, manifest):
     cfg = RunConfig(sim_manifest=str(manifest), schema=str(DEMO_SCHEMA_PATH))
     node = {"data-path": str(tmp_path / "mine.csv"), "site-dir": str(tmp_path), "site-name": "h1",
+            "schema-path": str(DEMO_SCHEMA_PATH),
             "partition-id": 0, "num-partitions": 2}
     spec = resolve_site(node, cfg)
     assert (spec.name, spec.simulated, spec.public_seed, spec.noise_seed) == ("h1", False, False, NOISE_OS_ENTROPY)

@@ -158,6 +158,7 @@ def test_the_budget_file_round_trips_and_is_only_written_when_set(tmp_path):
     budget.write(path)
     assert path.read_text() == "# This site's lifetime privacy budget (its own setting).\nepsilon = 2.8\ndelta = 1e-05\n"
     assert SiteBudget.read(path) == budget and budget.as_dict() == {"epsilon": 2.8, "delta": 1e-5}
+    assert path.stat().st_mode & 0o777 == 0o600  # the site's own setting: its owner only
     assert budget.updated(delta=1e-6) == SiteBudget(2.8, 1e-6)
 
 
