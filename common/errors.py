@@ -89,6 +89,11 @@ class RunRefused(CandorError):
     setting, never the coordinator's), or that tries to select code or paths at the site."""
 
 
+class RunFailed(CandorError):
+    """A run cannot make progress (e.g. every site refused a round); it ends non-zero
+    with the reason."""
+
+
 class LedgerError(CandorError):
     """A site's privacy ledger is unreadable, or a write would change its history."""
 

@@ -9,9 +9,12 @@ reports an error.
 
 from __future__ import annotations
 
-__all__ = ["PROGRESS", "progress_text", "show_line"]
+__all__ = ["PROGRESS", "STOPPED", "ProgressPrinter", "progress_text", "show_line"]
 
 PROGRESS = "[candor]"  # prefix of the ServerApp's log lines meant for the user
+# How the ServerApp's progress line begins when it ends a run it cannot continue (and has
+# said why); Flower's own report of the same exception that follows adds nothing.
+STOPPED = ("the run stopped:", "cannot start the run:")
 
 
 def progress_text(line: str) -> str | None:
@@ -28,3 +31,22 @@ def show_line(line: str, *, verbose: bool = False) -> None:
         print(text, flush=True)
     elif verbose or "ERROR" in line or "Traceback" in line:
         print(line, flush=True)
+
+
+class ProgressPrinter:
+    """:func:`show_line` for one streamed run, which goes quiet once the ServerApp has
+    said why it stopped the run: Flower's own lines about the same exception (its ERROR
+    line, a bare "Traceback", the exit code) follow and would only bury the reason.
+    Everything stays in the run's log file."""
+
+    def __init__(self, *, verbose: bool = False) -> None:
+        self.verbose = verbose
+        self.explained = False
+
+    def __call__(self, line: str) -> None:
+        text = progress_text(line)
+        if text is not None:
+            self.explained = self.explained or text.startswith(STOPPED)
+        elif self.explained and not self.verbose:
+            return
+        show_line(line, verbose=self.verbose)

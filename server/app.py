@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from candor.common.config import RunConfig
 from candor.common.demo import DEMO_SCHEMA_PATH
 from candor.common.encoding import Encoder
-from candor.common.errors import CandorError
+from candor.common.errors import CandorError, RunFailed
 from candor.common.models import build_model
 from candor.common.progress import PROGRESS
 from candor.common.schema import Schema
@@ -55,7 +55,7 @@ def main(grid: Grid, context: Context) -> None:
         audit_key, ephemeral = load_private_key(cfg.audit_key)
     except CandorError as err:
         logger.error("%s cannot start the run: %s", PROGRESS, err)
-        raise SystemExit(1) from None
+        raise  # an exception, not SystemExit (which Flower's runtime does not catch): the run is finished:failed
     encoder = Encoder(schema)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_features=encoder.num_features, num_outputs=schema.num_outputs,
@@ -72,15 +72,20 @@ def main(grid: Grid, context: Context) -> None:
                 cfg.num_server_rounds, cfg.strategy, "on" if cfg.dp else "OFF",
                 f" (target ε {cfg.target_epsilon} per site for the whole run)" if cfg.dp and cfg.target_epsilon else "",
                 schema.sha256()[:12])
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
-        train_config=ConfigRecord(dict(shared)),
-        evaluate_config=ConfigRecord(dict(shared)),
-        evaluate_fn=lambda r, arrays: recorder.checkpoint(r, arrays),
-    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout,
+            train_config=ConfigRecord(dict(shared)),
+            evaluate_config=ConfigRecord(dict(shared)),
+            evaluate_fn=lambda r, arrays: recorder.checkpoint(r, arrays),
+        )
+    except RunFailed as err:
+        recorder.write_tables()  # metrics.json keeps every refusal; there is no model to publish
+        logger.error("%s the run stopped: %s. Outputs so far in %s", PROGRESS, err, recorder.dir.resolve())
+        raise  # an exception, not SystemExit: Flower then reports the run as finished:failed
     if cfg.explain:
         from .explanations import explain_federated
 

@@ -16,6 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from candor.common.errors import RunFailed
+
 from .outputs import RunRecorder, site_of
 from .wrapper import StrategyWrapper
 
@@ -23,7 +25,13 @@ __all__ = ["RecordingStrategy"]
 
 
 class RecordingStrategy(StrategyWrapper):
-    """Delegates to ``inner``; records every reply with ``recorder``."""
+    """Delegates to ``inner``; records every reply with ``recorder``.
+
+    A training round in which sites replied but none trained (every one refused: its
+    budget, its limits, the app) cannot make progress, and neither can the rounds after
+    it: :meth:`aggregate_train` raises :class:`~candor.common.errors.RunFailed` with
+    every site's reason, and the run ends non-zero instead of "completing" untrained.
+    """
 
     def __init__(self, inner: Strategy, recorder: RunRecorder) -> None:
         super().__init__(inner)
@@ -40,7 +48,12 @@ class RecordingStrategy(StrategyWrapper):
         replies = list(replies)
         for msg in replies:
             self.recorder.train_reply(server_round, msg)
-        return super().aggregate_train(server_round, _in_site_order(replies))
+        trained = _in_site_order(replies)
+        if replies and not trained:
+            reasons = "; ".join(sorted({m.error.reason for m in replies}))
+            raise RunFailed(f"round {server_round}: no site trained, every one of the {len(replies)} that replied "
+                            f"refused or failed ({reasons}); no later round can do better, so the run stops")
+        return super().aggregate_train(server_round, trained)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)

@@ -24,7 +24,7 @@ from candor.common.commands import add_command, add_config_option, add_verbose_o
 from candor.common.config import RunConfig, merge_overrides
 from candor.common.errors import ConfigError, FederationError
 from candor.common.processes import APP_DIR, ProcessTimeout, flower_bin, run_status, stream_flwr_run, wait_until
-from candor.common.progress import show_line
+from candor.common.progress import ProgressPrinter
 
 from . import superlink
 from .federation import CONNECTION, Federation
@@ -79,6 +79,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.min_sites > len(fed.sites):
         raise ConfigError(f"the run needs {cfg.min_sites} sites (min-sites) but only {len(fed.sites)} are "
                           "registered; add sites or lower -c min-sites")
+    if cfg.secure_aggregation and len(fed.sites) < 3:
+        raise ConfigError(f"secure-aggregation=true needs at least 3 sites (SecAgg+ reconstructs each mask from the "
+                          f"other sites' shares); {len(fed.sites)} are registered. Add sites, or "
+                          "-c secure-aggregation=false")
     _wait_for_sites(fed, cfg.min_sites, args.wait_sites)
     out.mkdir(parents=True)
     config_file = out / "run_config.toml"
@@ -114,7 +118,7 @@ def _submit_and_stream(fed: Federation, config_file: Path, log_path: Path, *, ve
 
     try:
         return stream_flwr_run(cmd, env=superlink.env(fed), log_path=log_path, timestamps=True, on_start=started,
-                               on_line=lambda line: show_line(line, verbose=verbose))
+                               on_line=ProgressPrinter(verbose=verbose))
     except KeyboardInterrupt:
         if run_id is not None:
             print(f"\nStopping run {run_id}...", file=sys.stderr)

@@ -17,7 +17,7 @@ from pathlib import Path
 from candor.common.commands import add_config_option, add_verbose_option
 from candor.common.config import RunConfig, merge_overrides
 from candor.common.errors import CandorError, ConfigError
-from candor.common.progress import show_line
+from candor.common.progress import ProgressPrinter
 
 
 def _prepare(args: argparse.Namespace, out: Path):
@@ -41,6 +41,18 @@ def _prepare(args: argparse.Namespace, out: Path):
     return schema_path, schema, sites, check_sites
 
 
+def _check_satisfiable(cfg: RunConfig, num_sites: int) -> None:
+    """Refuse, before anything starts, a run that could never get a round going (Flower
+    would wait for sites that do not exist)."""
+    if cfg.min_sites > num_sites:
+        raise ConfigError(f"min-sites = {cfg.min_sites} is more than the {num_sites} simulated sites: no round could "
+                          f"start. Lower -c min-sites (at most {num_sites}) or add sites")
+    if cfg.secure_aggregation and num_sites < 3:
+        raise ConfigError(f"secure-aggregation=true needs at least 3 sites (SecAgg+ reconstructs each mask from "
+                          f"the other sites' shares); this simulation has {num_sites}. Add sites, or "
+                          "-c secure-aggregation=false")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from . import engine
     from .sites import write_manifest
@@ -52,6 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = merge_overrides(args.config, base={"min-sites": len(sites)}, schema=str(schema_path),
                                 out_dir=str(out))
     cfg = RunConfig.from_run_config(overrides)
+    _check_satisfiable(cfg, len(sites))
     check_sites(sites, schema, min_rows=cfg.min_rows)
     overrides["sim-manifest"] = str(write_manifest(sites, out))
     print(f"Candor simulation: {len(sites)} sites ({', '.join(s.name for s in sites)}), "
@@ -65,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--app-dir {app_dir}: not a Flower App directory (no pyproject.toml); give a directory "
                           "whose pyproject.toml has [tool.flwr.app], or leave --app-dir out for Candor's own app")
     result = engine.run(overrides, num_sites=len(sites), log_path=out / "flower.log", app_dir=app_dir,
-                        on_line=lambda line: show_line(line, verbose=args.verbose))
+                        on_line=ProgressPrinter(verbose=args.verbose))
     _summary(out, result.seconds)
     return 0
 

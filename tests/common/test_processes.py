@@ -76,3 +76,18 @@ def test_last_error_line_quotes_the_last_error(tmp_path):
     log.write_text("")
     assert last_error_line(log) == "no output"
     assert last_error_line(tmp_path / "missing.log") == "no log"
+
+
+def test_once_the_server_app_said_why_it_stopped_flowers_report_of_it_is_not_repeated(capsys):
+    from candor.common.progress import ProgressPrinter
+
+    show = ProgressPrinter()
+    for line in ("INFO : [candor] round 1/2", "ERROR : a site failed", "ERROR : [candor] the run stopped: round 2: x",
+                 "ERROR :     Simulation raised an exception", "Traceback (most recent call last):",
+                 "ERROR :     Exit Code: 700"):
+        show(line)
+    assert capsys.readouterr().out.splitlines() == ["round 1/2", "ERROR : a site failed", "the run stopped: round 2: x"]
+    verbose = ProgressPrinter(verbose=True)
+    verbose("INFO : [candor] cannot start the run: bad key")
+    verbose("Traceback (most recent call last):")
+    assert capsys.readouterr().out.splitlines() == ["cannot start the run: bad key", "Traceback (most recent call last):"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dp_accounting
@@ -103,3 +105,31 @@ def test_bad_site_data_is_refused_before_anything_starts(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "worst_area" in proc.stderr and "mean_radius" in proc.stderr and str(bad) in proc.stderr
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--num-sites", "2", "-c", "secure-aggregation=true"], "secure-aggregation=true needs at least 3 sites"),
+    (["--num-sites", "2", "-c", "min-sites=3"], "min-sites = 3 is more than the 2 simulated sites"),
+])
+def test_a_run_that_could_never_start_is_refused_at_once(tmp_path, extra, fragment):
+    started = time.monotonic()
+    proc = subprocess.run([CANDOR_SIM, "run", "--out", str(tmp_path / "out"), *extra],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and fragment in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 30  # before Flower's engine starts (it alone takes 10-20 s)
+
+
+def test_a_run_in_which_every_site_refuses_ends_non_zero_with_the_reasons(tmp_path):
+    """Every site refuses round 1 (the target is unreachable for its data): the run stops
+    there, exit code 1, with each site's reason; nothing is charged."""
+    out = tmp_path / "out"
+    proc = subprocess.run([CANDOR_SIM, "run", "--num-sites", "2", "--out", str(out), "-c", "num-server-rounds=3",
+                           "-c", "target-epsilon=0.001"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text[-3000:]
+    assert "the run stopped: round 1: no site trained" in text and "is unreachable" in text
+    assert "Traceback" not in proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [len(r["refusals"]) for r in metrics["rounds"]] == [2]  # round 1 only: it did not go on
+    assert not any((out / "ledgers").glob("*.json"))
