@@ -8,8 +8,11 @@ Layout of ``DIR`` (created by ``candor-server init``)::
     sites.json        registry: the institutions allowed to join, by name, with
                       their node public keys (Flower SuperNode authentication)
     pki/              ca.crt, ca.key (0600), server.crt, server.key (0600)
-    flwr/             FLWR_HOME of the coordinator's `flwr` CLI (config.toml)
-    state/            the SuperLink's database (runs, registered nodes)
+    flwr/             FLWR_HOME of the coordinator's `flwr` CLI: config.toml, and
+                      credentials.yaml (0600) with the coordinator's control token
+    state/            the SuperLink's database (runs, registered nodes);
+                      control-token.sha256 (0600, the token's SHA-256, all the server
+                      keeps of it) and superexec.secret (0600); see server.control_plane
     logs/             superlink.log
     runs/<stamp>/     one directory per training run (see docs/outputs.md)
     invites/          the files handed to sites (nothing secret)
@@ -36,6 +39,7 @@ from candor.common.names import check_name
 from candor.common.node_keys import fingerprint, read_public_key
 from candor.common.schema import Schema
 
+from . import control_plane
 from .pki import ServerPKI, create_pki
 
 __all__ = ["CONNECTION", "DEFAULT_PORT", "Federation", "SiteEntry"]
@@ -84,6 +88,24 @@ class Federation:
         return self.dir / "flwr"
 
     @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    @property
+    def control_token_digest(self) -> Path:
+        """The SHA-256 of the coordinator's control token (the server never holds the token)."""
+        return self.state_dir / control_plane.TOKEN_DIGEST_FILE
+
+    @property
+    def superexec_secret(self) -> Path:
+        return self.state_dir / control_plane.SUPEREXEC_SECRET_FILE
+
+    @property
+    def local_address(self) -> str:
+        """Where this machine's `flwr` CLI reaches the server by default (127.0.0.1, the port)."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
     def runs_dir(self) -> Path:
         return self.dir / "runs"
 
@@ -124,11 +146,19 @@ class Federation:
         for sub in ("flwr", "state", "logs", "runs", "invites"):
             (directory / sub).mkdir(exist_ok=True)
         (directory / "state").chmod(0o700)
+        (directory / "flwr").chmod(0o700)
         write_atomic(directory / "run_config.toml",
                      "# Run-config defaults of this federation (keys of [tool.flwr.app.config]);\n"
                      "# `candor-server run DIR -c key=value` overrides them for one run.\n"
                      + tomli_w.dumps(run_config))
         fed = cls(directory, name, hosts, port)
+        # The closed control plane's secrets: the coordinator's token (its digest here,
+        # the token in the coordinator's flwr CLI home) and the SuperExec secret.
+        token = control_plane.new_token()
+        control_plane.write_token_digest(fed.control_token_digest, token)
+        control_plane.write_superexec_secret(fed.superexec_secret)
+        control_plane.write_cli_config(fed.flwr_home, connection=CONNECTION, address=fed.local_address,
+                                       ca_cert=fed.pki.ca_cert, token=token)
         write_atomic(directory / "federation.toml", tomli_w.dumps({
             "name": name, "hosts": hosts, "port": port, "created": _now()}))
         fed.save_registry()
