@@ -2,11 +2,15 @@
 
 The SuperLink always runs with TLS (the federation's server certificate) and SuperNode
 authentication; it binds 127.0.0.1 unless told otherwise; Flower's per-run dependency
-installation is off (the app runs in this environment). It runs detached in its own
-process group, recorded in ``DIR/superlink.pid``, and logs to ``DIR/logs/superlink.log``.
+installation is off (the app runs in this environment). Its control plane is closed:
+it runs under Candor's launcher (:mod:`server.superlink_main`), which admits to the
+Control API only the coordinator's token and to ServerApp tasks only the SuperExec it
+starts (:mod:`server.control_plane`). Launcher, SuperExec and ServerApps share one
+process group, recorded in ``DIR/superlink.pid``, and log to ``DIR/logs/superlink.log``.
 Its database (runs, registered nodes) lives in ``DIR/state/`` so both survive restarts.
-The coordinator's ``flwr`` CLI is configured in ``DIR/flwr/config.toml`` as connection
-``candor``: ``FLWR_HOME=DIR/flwr flwr ls candor`` works against the running server.
+The coordinator's ``flwr`` CLI is configured in ``DIR/flwr/`` (``config.toml`` and the
+token in ``credentials.yaml``) as connection ``candor``: ``FLWR_HOME=DIR/flwr flwr ls
+candor`` works against the running server, from this account only.
 """
 
 from __future__ import annotations
@@ -15,31 +19,32 @@ import json
 import logging
 import socket
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from candor.common.atomic import write_atomic, write_json_atomic
 from candor.common.errors import ConfigError, FederationError
 from candor.common.processes import (
-    FlwrCommandFailed, flower_bin, flower_env, flwr_json, free_port, last_error_line, pid_alive, stop_pid_group,
-    superlink_healthy, wait_until,
+    FlwrCommandFailed, flower_env, flwr_json, last_error_line, pid_alive, stop_pid_group, superlink_healthy,
+    wait_until,
 )
 
+from . import control_plane
 from .federation import CONNECTION, Federation
 from .pki import certificate_hosts
 
-__all__ = ["ACTIVE", "Running", "env", "log_file", "nodes", "online", "reconcile", "register", "running", "start",
-           "stop", "unregister", "uptime"]
+__all__ = ["ACTIVE", "LAUNCHER", "Running", "ensure_credentials", "env", "log_file", "nodes", "online", "reconcile",
+           "register", "running", "start", "stop", "superexec_pids", "unregister", "uptime"]
 
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
 STOP_GRACE = 15.0
+LAUNCHER = "candor.server.superlink_main"  # run as `python -m LAUNCHER`
 
 
 @dataclass(frozen=True)
@@ -81,21 +86,53 @@ def running(fed: Federation) -> Running | None:
     return Running(pid, str(doc["host"]), int(doc["port"]), float(doc["started"]))
 
 
-def _is_our_superlink(pid: int, fed: Federation) -> bool:
+def _cmdline(pid: int) -> list[bytes]:
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return False
-    return any(b"flower-superlink" in c for c in cmdline) and str(fed.pki.server_cert).encode() in cmdline
+        return []
 
 
-def write_cli_config(fed: Federation, address: str) -> None:
-    """Point the coordinator's `flwr` CLI (FLWR_HOME=DIR/flwr) at this SuperLink."""
-    fed.flwr_home.mkdir(exist_ok=True)
-    write_atomic(fed.flwr_home / "config.toml", tomli_w.dumps({"superlink": {
-        "default": CONNECTION,
-        CONNECTION: {"address": address, "root-certificates": str(fed.pki.ca_cert)},
-    }}))
+def _is_our_superlink(pid: int, fed: Federation) -> bool:
+    """``pid`` runs this federation's SuperLink: Candor's launcher (or, started by an
+    earlier Candor, a bare ``flower-superlink``) with this federation's server certificate."""
+    cmdline = _cmdline(pid)
+    ours = LAUNCHER.encode() in cmdline or any(c.endswith(b"flower-superlink") for c in cmdline)
+    return ours and str(fed.pki.server_cert).encode() in cmdline
+
+
+def superexec_pids(pid: int) -> list[int]:
+    """The ``flower-superexec`` processes in the SuperLink's process group (led by ``pid``)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pid and any(c.endswith(b"flower-superexec") for c in _cmdline(int(proc.name))):
+            found.append(int(proc.name))  # fields[2] is the process group id
+    return found
+
+
+def ensure_credentials(fed: Federation) -> list[str]:
+    """Give the federation the closed control plane's secrets if it lacks them (a
+    directory made before they existed) and write the coordinator's `flwr` CLI config
+    for the default local address; returns what was created (empty if nothing was)."""
+    token, created = control_plane.ensure(fed.state_dir, fed.flwr_home)
+    if created:
+        write_cli_config(fed, fed.local_address, token=token)
+    return created
+
+
+def write_cli_config(fed: Federation, address: str, *, token: str | None = None) -> None:
+    """Point the coordinator's `flwr` CLI (FLWR_HOME=DIR/flwr) at this SuperLink: config.toml
+    and the control token in credentials.yaml, both for ``address``."""
+    if token is None:
+        token, _ = control_plane.ensure(fed.state_dir, fed.flwr_home)
+    control_plane.write_cli_config(fed.flwr_home, connection=CONNECTION, address=address, ca_cert=fed.pki.ca_cert,
+                                   token=token)
 
 
 def start(fed: Federation, *, host: str = "127.0.0.1", port: int | None = None) -> Running:
@@ -118,20 +155,22 @@ def start(fed: Federation, *, host: str = "127.0.0.1", port: int | None = None) 
     _check_port_free(host, port)
     log_path = log_file(fed)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    (fed.dir / "state").mkdir(mode=0o700, exist_ok=True)
+    fed.state_dir.mkdir(mode=0o700, exist_ok=True)
+    ensure_credentials(fed)
+    control_plane.read_token_digest(fed.control_token_digest)  # private and well-formed, before anything starts
+    control_plane.read_secret(fed.superexec_secret)
     cmd = [
-        flower_bin("flower-superlink"),
+        sys.executable, "-m", LAUNCHER,
+        "--control-token-sha256", str(fed.control_token_digest),
+        "--superexec-auth-secret-file", str(fed.superexec_secret),
+        "--",  # Flower's own flower-superlink arguments; the launcher adds --isolation process and the secret
         "--ssl-ca-certfile", str(fed.pki.ca_cert),
         "--ssl-certfile", str(fed.pki.server_cert),
         "--ssl-keyfile", str(fed.pki.server_key),
         "--enable-supernode-auth",
         "--host", host, "--port", str(port),
-        # Deprecated gRPC Control API: pin it to loopback on a free port so that nothing
-        # binds all interfaces by default and several federations can coexist.
-        "--control-api-address", f"127.0.0.1:{free_port()}",
-        "--isolation", "subprocess",
         "--disable-runtime-dependency-installation",
-        "--database", str(fed.dir / "state" / "superlink.db"),
+        "--database", str(fed.state_dir / "superlink.db"),
     ]
     with open(log_path, "ab") as log:
         log.write(f"\n=== candor-server start {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n".encode())
@@ -144,9 +183,10 @@ def start(fed: Federation, *, host: str = "127.0.0.1", port: int | None = None) 
 
     def ready() -> bool:
         if proc.poll() is not None:
-            raise FederationError(f"flower-superlink exited with code {proc.returncode} while starting: "
+            raise FederationError(f"the SuperLink exited with code {proc.returncode} while starting: "
                                   f"{last_error_line(log_path)} (full log: {log_path})")
-        return superlink_healthy(state.local_address, ca_cert=fed.pki.ca_cert)
+        # Up once it answers over TLS and its launcher has started the SuperExec.
+        return superlink_healthy(state.local_address, ca_cert=fed.pki.ca_cert) and bool(superexec_pids(proc.pid))
 
     try:
         wait_until(ready, timeout=START_TIMEOUT, what=f"the SuperLink to answer at {state.local_address}")
@@ -159,14 +199,16 @@ def start(fed: Federation, *, host: str = "127.0.0.1", port: int | None = None) 
 
 
 def stop(fed: Federation) -> bool:
-    """Stop the SuperLink (and its ServerApp processes); False if it was not running."""
+    """Stop the SuperLink, its SuperExec and its ServerApp processes (one process group);
+    False if it was not running."""
     current = running(fed)
     if current is None:
         pid_file(fed).unlink(missing_ok=True)
         return False
+    helpers = superexec_pids(current.pid)
     stop_pid_group(current.pid, grace=STOP_GRACE)
-    wait_until(lambda: not pid_alive(current.pid), timeout=STOP_GRACE,
-               what=f"the SuperLink (pid {current.pid}) to exit")
+    wait_until(lambda: not pid_alive(current.pid) and not any(pid_alive(p) for p in helpers), timeout=STOP_GRACE,
+               what=f"the SuperLink (pid {current.pid}) and its SuperExec to exit")
     pid_file(fed).unlink(missing_ok=True)
     return True
 

@@ -1,8 +1,8 @@
 """``candor-server start | stop | status``: the federation's server (Flower's SuperLink).
 
-``start`` runs the SuperLink with TLS and node authentication (:mod:`server.superlink`)
-and makes its registered nodes equal the registry; ``status`` shows the server, every
-site's connection and the runs.
+``start`` runs the SuperLink with TLS, node authentication and its control plane closed
+to all but the coordinator (:mod:`server.superlink`) and makes its registered nodes equal
+the registry; ``status`` shows the server, every site's connection and the runs.
 """
 
 from __future__ import annotations
@@ -29,9 +29,12 @@ def flwr_hint(fed: Federation) -> str:
 
 def cmd_start(args: argparse.Namespace) -> int:
     fed = Federation.load(Path(args.dir))
+    if superlink.running(fed) is None and (created := superlink.ensure_credentials(fed)):
+        print(f"Created {' and '.join(created)} in {fed.state_dir} and {fed.flwr_home} (the federation directory "
+              "predates the closed control plane, or its credentials.yaml was removed).")
     state = superlink.start(fed, host=args.host, port=args.port)
     print(f"SuperLink running (pid {state.pid}) on https://{args.host}:{state.port}, TLS and node "
-          f"authentication on; log {superlink.log_file(fed)}")
+          f"authentication on, control API for the coordinator's token only; log {superlink.log_file(fed)}")
     try:
         for change in superlink.reconcile(fed):
             print(f"  {change}")
@@ -59,7 +62,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if state is None:
         print("SuperLink: not running (`candor-server start DIR`)")
     else:
-        print(f"SuperLink: running, pid {state.pid}, https://{state.host}:{state.port}, up {superlink.uptime(state)}")
+        helpers = superlink.superexec_pids(state.pid)
+        print(f"SuperLink: running, pid {state.pid}, https://{state.host}:{state.port}, up {superlink.uptime(state)}; "
+              + (f"SuperExec pid {', '.join(map(str, helpers))}" if helpers else
+                 "SuperExec NOT running (no run can start; `candor-server stop` and `start` again)"))
     statuses = superlink.online(fed) if state else {}
     print(f"Sites ({len(fed.sites)} registered):")
     for name, e in sorted(fed.sites.items()):
