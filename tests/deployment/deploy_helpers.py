@@ -11,6 +11,7 @@ the fixtures stop every group (SIGTERM, then SIGKILL), whatever the tests did.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import os
@@ -128,6 +129,85 @@ def make_site(dep: Deployment, name: str) -> Path:
     code, out, err = server("invite", dep.fed, name)
     assert code == 0, err
     return site_dir
+
+
+def flwr(home: Path, *args: object, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Flower's own CLI, ``flwr ARGS``, with ``FLWR_HOME=home`` (a real process, with a deadline)."""
+    return subprocess.run([BIN / "flwr", *(str(a) for a in args)], capture_output=True, text=True, timeout=timeout,
+                          env={**ENV, "FLWR_HOME": str(home)})
+
+
+def refused(proc: subprocess.CompletedProcess) -> bool:
+    """True if a `flwr` call failed with Flower's refusal of its credentials."""
+    return proc.returncode != 0 and "Authentication failed" in proc.stdout + proc.stderr
+
+
+def outsider_home(home: Path, ca_certificate: str, address: str, *, token: str | None = None) -> Path:
+    """An FLWR_HOME holding what anyone with a site's invite has: the federation's CA
+    certificate and the server's address (connection ``candor``); with ``token``, also a
+    guessed control token, written as Flower's credential store keeps it."""
+    home.mkdir(parents=True)
+    (home / "ca.crt").write_text(ca_certificate)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "candor"\n\n[superlink.candor]\naddress = "{address}"\n'
+                                      f'root-certificates = "{home / "ca.crt"}"\n')
+    if token is not None:
+        (home / "credentials.yaml").write_text("".join(
+            f"flower.account-auth.{address}.{key}: {base64.b64encode(value.encode()).decode()}\n"
+            for key, value in (("authn-type", "oidc"), ("oidc-access-token", token), ("oidc-refresh-token", "x"))))
+    return home
+
+
+# A complete Flower App of someone else's: its ServerApp writes the file named by its run
+# config's `marker`, so a test can tell whether it ever ran on the coordinator.
+OUTSIDER_APP = {
+    "pyproject.toml": """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "outsider"
+version = "1.0.0"
+description = "not the federation's app"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "outsider"
+
+[tool.flwr.app.components]
+serverapp = "outsider_app:server"
+clientapp = "outsider_app:client"
+
+[tool.flwr.app.config]
+marker = "/nonexistent/marker"
+""",
+    "outsider_app.py": """\
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    Path(str(context.run_config["marker"])).write_text(f"run {context.run_id}\\n")
+""",
+}
+
+
+def write_outsider_app(directory: Path) -> Path:
+    directory.mkdir(parents=True)
+    for name, text in OUTSIDER_APP.items():
+        (directory / name).write_text(text)
+    return directory
 
 
 def copy_site(dep: Deployment, name: str, new: str) -> Path:
