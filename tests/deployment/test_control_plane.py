@@ -125,6 +125,13 @@ def test_the_plugin_admits_exactly_the_token_and_the_launcher_fails_loudly(tmp_p
     monkeypatch.setattr(superlink_main._FLOWER_SUPERLINK, "load_control_authn_plugin", lambda: plugin)
     with pytest.raises(superlink_main.FlowerChanged, match="plugin of its own"):
         superlink_main.lifespan_config(tls, **kwargs)
+    # Flower's switches that would open its deprecated gRPC Control API on another port.
+    digest_file = tmp_path / "digest"
+    control_plane.write_token_digest(digest_file, token)
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
+    with pytest.raises(SystemExit, match="FLWR_INTERNAL_GRPC_CONTROL_API is set"):
+        superlink_main.main(["--control-token-sha256", str(digest_file), "--superexec-auth-secret-file",
+                             str(tmp_path / "secret"), "--", *tls])
 
 
 # --- a real federation -----------------------------------------------------------------
