@@ -136,15 +136,32 @@ def message(where: str, rule: str, *, got: object = None, fix: str = "") -> str:
     return text
 
 
-def run_command(prog: str, args) -> int:
+class Terminated(BaseException):
+    """SIGTERM arrived (what ``kill``, ``timeout``, CI runners and container runtimes
+    send): raised like Ctrl-C's KeyboardInterrupt, so that every ``finally`` stops the
+    processes it started and removes its temporary files."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def run_command(prog: str, args, *, stopped: str = "") -> int:
     """Run a parsed command's ``args.func(args)``: a CandorError (a user's mistake) is one
-    line on stderr and exit code 1, never a traceback; Ctrl-C is 130."""
+    line on stderr and exit code 1, never a traceback; Ctrl-C is 130 and SIGTERM 143,
+    after the command's own clean-up has run (``stopped`` is then printed, if given)."""
+    import signal
     import sys
 
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(args.func(args) or 0)
     except CandorError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except (KeyboardInterrupt, Terminated) as err:
+        if stopped:
+            print(f"{prog}: {stopped}", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -26,8 +26,8 @@ from urllib.request import urlopen
 from .errors import CandorError
 
 __all__ = [
-    "APP_DIR", "FlwrCommandFailed", "ProcessTimeout", "flower_bin", "flower_env", "flwr_json", "free_port",
-    "last_error_line", "pid_alive", "run_status", "stop_group", "stop_pid_group", "stream_flwr_run",
+    "APP_DIR", "FlwrCommandFailed", "ProcessTimeout", "descendants", "flower_bin", "flower_env", "flwr_json", "free_port",
+    "kill_recorded", "last_error_line", "pid_alive", "run_status", "stop_group", "stop_pid_group", "stream_flwr_run",
     "superlink_healthy", "timestamped", "wait_until",
 ]
 
@@ -73,6 +73,9 @@ def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_TELEMETRY_ENABLED": "0",  # no usage reports from a data holder's machine
         "OMP_NUM_THREADS": "1",
+        # torch's compile cache (opened by the imports of Opacus' dependencies) stays in
+        # FLWR_HOME, not in a shared /tmp/torchinductor_<user> left behind by every run
+        "TORCHINDUCTOR_CACHE_DIR": str(Path(flwr_home) / "torchinductor"),
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         **extra,
     }
@@ -117,10 +120,13 @@ def pid_alive(pid: int) -> bool:
 
 
 def stop_pid_group(pid: int, *, grace: float = 10.0) -> None:
-    """SIGTERM the process group led by ``pid``, wait up to ``grace`` s, then SIGKILL it."""
+    """SIGTERM the process group led by ``pid``, wait up to ``grace`` s, then SIGKILL it
+    and every descendant that left it."""
+    tree = descendants(pid)
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
+        kill_recorded(tree)
         return
     deadline = time.monotonic() + grace
     while pid_alive(pid) and time.monotonic() < deadline:
@@ -129,10 +135,56 @@ def stop_pid_group(pid: int, *, grace: float = 10.0) -> None:
         os.killpg(pid, signal.SIGKILL)  # children that outlived their leader
     except ProcessLookupError:
         pass
+    kill_recorded(tree)
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat), or None if gone:
+    with the pid it names one process, even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every living descendant of ``pid`` (children, their children, ...), read from
+    /proc, as ``{pid: start time}``. Includes those that left ``pid``'s process group
+    (Ray's agents start their own sessions), which ``killpg`` alone would miss."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: dict[int, str] = {}
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        started = _start_time(child)
+        if started is not None and child not in found:
+            found[child] = started
+            todo += children.get(child, [])
+    return found
+
+
+def kill_recorded(processes: Mapping[int, str]) -> None:
+    """SIGKILL each recorded ``{pid: start time}`` that is still that same process."""
+    for pid, started in processes.items():
+        if _start_time(pid) == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM ``proc``'s process group (it must lead one), then SIGKILL; reap it."""
+    """SIGTERM ``proc``'s process group (it must lead one), then SIGKILL the group and every
+    descendant that left it; reap ``proc``."""
+    tree = descendants(proc.pid)  # before anything dies: orphans are re-parented and lost
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -143,6 +195,7 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    kill_recorded({**tree, **descendants(proc.pid)})
     proc.wait()
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from candor.common.commands import add_config_option, add_verbose_option
 from candor.common.config import RunConfig, merge_overrides
-from candor.common.errors import CandorError, ConfigError
+from candor.common.errors import ConfigError, run_command
 from candor.common.progress import ProgressPrinter
 
 
@@ -180,14 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in ("run", "pooled", "schema", "-h", "--help"):
         argv = ["run", *argv]
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except CandorError as err:
-        print(f"candor-sim: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("candor-sim: interrupted; every process it started was stopped.", file=sys.stderr)
-        return 130
+    return run_command("candor-sim", args, stopped="stopped; every process it started was stopped and its "
+                                                    "temporary files removed.")
 
 
 if __name__ == "__main__":

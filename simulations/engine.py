@@ -69,6 +69,16 @@ def local_superlink(home: Path, env: Mapping[str, str]) -> Iterator[int]:
         stop_group(proc)
 
 
+_RAY_TMP_MAX = 40  # Ray's socket paths add ~67 characters; Linux allows 107 (AF_UNIX)
+
+
+def _ray_temp_dir() -> Path:
+    """A throw-away directory for Ray's session files, removed with the run: in the
+    temp dir when its path is short enough for Ray's sockets, else in /tmp."""
+    base = tempfile.gettempdir()
+    return Path(tempfile.mkdtemp(prefix="candor-ray-", dir=base if len(base) + 20 <= _RAY_TMP_MAX else "/tmp"))
+
+
 def run(
     run_config: Mapping[str, Any],
     *,
@@ -90,7 +100,8 @@ def run(
     """
     start = time.monotonic()
     home = Path(tempfile.mkdtemp(prefix="candor-flwr-"))
-    env = flower_env(home, RAY_DEDUP_LOGS="0")
+    ray_tmp = _ray_temp_dir()
+    env = flower_env(home, RAY_DEDUP_LOGS="0", RAY_TMPDIR=str(ray_tmp))
     try:
         with local_superlink(home, env) as port:
             (home / "config.toml").write_text(tomli_w.dumps({"superlink": {
@@ -105,6 +116,7 @@ def run(
             run_id, status = run_status(CONNECTION, env=env, run_id=submitted)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     result = SimulationResult(run_id, status, time.monotonic() - start, log_path)
     if status != "finished:completed":
         raise SimulationError(f"the simulated run ended as '{status}'; the full log is in {log_path}")
