@@ -26,7 +26,7 @@ from urllib.request import urlopen
 from .errors import CandorError
 
 __all__ = [
-    "APP_DIR", "FlwrCommandFailed", "ProcessTimeout", "descendants", "flower_bin", "flower_env", "flwr_json", "free_port",
+    "APP_DIR", "FlwrCommandFailed", "ProcessTimeout", "descendants", "flower_bin", "start_time", "flower_env", "flwr_json", "free_port",
     "kill_recorded", "last_error_line", "pid_alive", "run_status", "stop_group", "stop_pid_group", "stream_flwr_run",
     "superlink_healthy", "timestamped", "wait_until",
 ]
@@ -138,7 +138,7 @@ def stop_pid_group(pid: int, *, grace: float = 10.0) -> None:
     kill_recorded(tree)
 
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat), or None if gone:
     with the pid it names one process, even after the pid is reused."""
     try:
@@ -164,7 +164,7 @@ def descendants(pid: int) -> dict[int, str]:
     todo = list(children.get(pid, []))
     while todo:
         child = todo.pop()
-        started = _start_time(child)
+        started = start_time(child)
         if started is not None and child not in found:
             found[child] = started
             todo += children.get(child, [])
@@ -174,7 +174,7 @@ def descendants(pid: int) -> dict[int, str]:
 def kill_recorded(processes: Mapping[int, str]) -> None:
     """SIGKILL each recorded ``{pid: start time}`` that is still that same process."""
     for pid, started in processes.items():
-        if _start_time(pid) == started:
+        if start_time(pid) == started:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from candor.common.processes import _start_time, descendants, pid_alive
+from candor.common.processes import start_time, descendants, pid_alive
 
 pytestmark = pytest.mark.slow
 
@@ -56,12 +56,12 @@ def _run_and_stop(tmp: Path, tmp_path: Path, sig: int, code: int) -> None:
         training.wait(0.2)
     seen.update(descendants(proc.pid))
     assert any("ray" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace").lower()
-               for p in seen if _start_time(p) == seen[p]), "Ray was not running: the test proves nothing"
+               for p in seen if start_time(p) == seen[p]), "Ray was not running: the test proves nothing"
     os.kill(proc.pid, sig)  # the command only, as `kill`, `timeout` or a terminal's Ctrl-C would
     assert proc.wait(timeout=90) == code, "".join(lines)[-3000:]
     reader.join(timeout=10)
     left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            for pid, started in seen.items() if _start_time(pid) == started and pid_alive(pid)}  # zombies: exited
+            for pid, started in seen.items() if start_time(pid) == started and pid_alive(pid)}  # zombies: exited
     assert left == {}, f"still running after candor-sim exited: {left}"
     assert "every process it started was stopped" in "".join(lines)
     assert list(tmp.iterdir()) == [], "temporary files left behind"
