@@ -58,6 +58,9 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise _fail(path, "is a directory, not a data file",
+                    "Give the .csv or .parquet file itself (e.g. --data DIR/site.csv).")
     if suffix not in (".csv", ".parquet"):
         raise _fail(path, f"unsupported file type '{suffix or '(none)'}'",
                     "Provide the data as a .csv or .parquet file.")

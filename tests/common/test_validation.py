@@ -164,10 +164,14 @@ def test_multiclass_label_outside_classes(tmp_path):
     ("header.csv", b"age,bp,cp,smoker,y\n", "no data rows"),
     ("latin1.csv", "age,bp,cp,smoker,y\n40,120,2,no,né\n".encode("latin-1"), "cannot read"),
     ("broken.parquet", b"not parquet at all", "cannot read the file as Parquet"),
+    ("a-folder", "dir", "is a directory, not a data file"),
+    ("folder.csv", "dir", "is a directory, not a data file"),
 ])
 def test_unreadable_files_give_one_problem(tmp_path, name, content, rule):
     path = tmp_path / name
-    if content is not None:
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
         path.write_bytes(content)
     with pytest.raises(DataValidationError) as info:
         read_table(path)
