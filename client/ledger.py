@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from candor.common.atomic import write_json_atomic
-from candor.common.errors import LedgerError
+from candor.common.errors import ConfigError, LedgerError
 from candor.common.privacy import MechanismRecord
 
 LEDGER_VERSION = 1
@@ -57,14 +57,23 @@ class Ledger:
     def entries(self) -> list[LedgerEntry]:
         if not self.path.exists():
             return []
+        keep = ("It is the record of what this site has spent: nothing will train until it is readable; "
+                "restore it from backup; do not delete it.")
         try:
             doc = json.loads(self.path.read_text())
-            return [LedgerEntry.from_dict(e) for e in doc["entries"]]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise LedgerError(
-                f"{self.path}: the privacy ledger is unreadable ({err}). It is the record of "
-                "what this site has spent: restore it from backup; do not delete it."
-            ) from None
+            raw = doc["entries"]
+            if not isinstance(raw, list):
+                raise TypeError("'entries' is not a list")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            raise LedgerError(f"{self.path}: the privacy ledger is unreadable ({err}). {keep}") from None
+        entries = []
+        for n, item in enumerate(raw):
+            try:
+                entries.append(LedgerEntry.from_dict(item))
+            except (ConfigError, ValueError, KeyError, TypeError) as err:
+                raise LedgerError(f"{self.path}: entry {n} (round {item.get('round', '?') if isinstance(item, dict) else '?'}) "
+                                  f"is not a valid record ({err}). {keep}") from None
+        return entries
 
     def history(self, *, run_id: str | None = None) -> list[MechanismRecord]:
         return [e.mechanism for e in self.entries() if run_id is None or e.mechanism.run_id == run_id]

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from candor.client.ledger import Ledger, new_entry
-from candor.common.errors import CandorError
+from candor.common.errors import CandorError, LedgerError
 from candor.common.policy import LifetimeBudget, lifetime_spent
 from candor.common.privacy import MechanismRecord, epsilon
 
@@ -52,6 +52,19 @@ def test_corrupt_ledger_is_a_clear_error_not_a_reset(tmp_path):
     path.write_text("{not json")
     with pytest.raises(CandorError, match="do not delete"):
         Ledger(path, site="h1").entries()
+    ledger = Ledger(path, site="h1")
+    path.unlink()
+    with ledger.locked():
+        ledger.append(_entry(1))
+        ledger.append(_entry(2))
+    doc = json.loads(path.read_text())
+    doc["entries"][1]["noise_multiplier"] = -1.0  # damaged: an impossible mechanism
+    path.write_text(json.dumps(doc))
+    damaged = path.read_bytes()
+    with pytest.raises(LedgerError, match=r"ledger.json: entry 1 \(round 2\) is not a valid record.*do not delete"):
+        with ledger.locked():
+            ledger.append(_entry(3))  # never written over what it cannot read
+    assert path.read_bytes() == damaged
 
 
 WRITER = textwrap.dedent("""
