@@ -23,7 +23,7 @@ from candor.client.site import resolve_site
 from candor.common.config import RunConfig
 from candor.common.errors import CandorError
 from candor.server.pki import create_pki
-from candor.common.demo import DEMO_SCHEMA_PATH
+from candor.common.demo import DEMO_SCHEMA_PATH, breast_cancer_frame
 
 from deploy_helpers import client, server
 
@@ -87,6 +87,10 @@ def test_federation_init_refuses_a_used_directory_and_invites_hold_nothing_secre
     assert invite["ca-certificate"] == (fed / "pki" / "ca.crt").read_text()
     code, out, err = server("invite", fed, "nobody")
     assert code == 1 and "not registered" in err
+    data = tmp_path / "site.csv"
+    breast_cancer_frame().head(50).to_csv(data, index=False)
+    code, out, err = client("check", "--schema", fed / "invites" / "h1.toml", "--data", data)
+    assert code == 0 and "OK: 50 usable rows" in out, err  # the invite holds the schema, as the guide says
 
 
 def test_node_config_reaches_the_client_app_with_its_toml_types(tmp_path):
