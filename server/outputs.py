@@ -175,8 +175,9 @@ class RunRecorder:
     def _progress(self, server_round: int) -> None:
         e = self.rounds.get(server_round, {})
         a = e.get("aggregate", {})
+        trained, refused = len(e.get("train", {})), len(e.get("refusals", []))
         parts = [f"{PROGRESS} round {server_round}/{self.cfg.num_server_rounds}",
-                 f"sites {len(e.get('sites', {}))}"]
+                 f"sites {len(e.get('sites', {}))} (trained {trained}" + (f", refused {refused})" if refused else ")")]
         for key in ("loss", "accuracy", "auroc"):
             if key in a:
                 parts.append(f"{key} {a[key]:.3f}")
