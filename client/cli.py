@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "candor.client.ledger_cmds",  # ledger: what this site has spent
     "candor.client.explain_cmds",  # predict, explain: a model on local records, offline
     "candor.client.audit_cmds",   # audit: a run's signed log against this site's receipts
+    "candor.client.approve_cmds",  # approve, approved: which app code this site runs
 )
 
 
