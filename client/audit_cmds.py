@@ -12,6 +12,10 @@ against the site's own receipts (:mod:`client.receipts`) and privacy ledger:
   (training) or came out of it (evaluation);
 - the privacy mechanisms the log records for the site (σ, q, steps per round, and any
   other release such as the explanation) are the ones in the site's ledger;
+- the app the log's start entry names (``app_sha256``, :mod:`common.app_hash`) is one this
+  site would run: its installed Candor release, an app it approved
+  (``SITE_DIR/approved_apps.json``, revoked ones included), or one its receipts show it
+  ran; and every receipt of the run names that same app (what the site's guard verified);
 
 then prints what the run cost the site, recomputed from its own ledger. Exit 0 when
 everything agrees, 1 when anything does not (each discrepancy is printed).
@@ -28,6 +32,7 @@ from candor.common.errors import SiteError
 from candor.common.policy import lifetime_spent
 from candor.common.privacy import Accountant
 
+from .approval import APPROVED_APPS, Approvals
 from .budget import SiteBudget
 from .ledger import Ledger
 from .receipts import ledger_path_for, read_receipts
@@ -65,6 +70,35 @@ def _mechanisms(history: list[dict[str, Any]]) -> list[tuple[int, float, float, 
 def _same(a: list[tuple[int, float, float, int]], b: list[tuple[int, float, float, int]]) -> bool:
     return len(a) == len(b) and all(x[0] == y[0] and x[3] == y[3] and math.isclose(x[1], y[1], rel_tol=1e-9)
                                     and math.isclose(x[2], y[2], rel_tol=1e-9) for x, y in zip(a, b))
+
+
+def _app_check(start: dict[str, Any], receipts_file: Path, receipts: list[dict[str, Any]], mine: list[dict[str, Any]],
+               rounds: set[int]) -> tuple[str, list[str]]:
+    """(the line about the run's app, the problems): is the app the log names one this site runs?"""
+    from candor.common.app_hash import AppBundleError, installed_release
+
+    logged = start.get("app_sha256")
+    if not logged:
+        return ("App: the log names no app_sha256 (written before Candor checked app code); not checked.", [])
+    try:
+        installed = installed_release().sha256
+    except AppBundleError as err:
+        raise SiteError(str(err)) from None
+    site_dir = receipts_file.parent
+    approvals = Approvals(site_dir) if (site_dir / APPROVED_APPS).is_file() else None
+    approved = approvals.ever() if approvals else set()
+    ran = {str(r["app_sha256"]) for r in receipts if r.get("app_sha256")}
+    problems = [f"round {r['round']} ({r['kind']}): your receipt says app sha256 {str(r['app_sha256'])[:16]} handled it; "
+                f"the log says the run's app was {logged[:16]}" for r in mine
+                if r.get("app_sha256") and r["app_sha256"] != logged]
+    if logged == installed:
+        return f"App: sha256 {logged[:16]}, this site's installed Candor release.", problems
+    if logged in approved or logged in ran:
+        return f"App: sha256 {logged[:16]}, an app this site approved (not its installed release).", problems
+    problems += [f"round {r}: the log says app sha256 {logged[:16]} ran, which this site never approved (its installed "
+                 f"release is {installed[:16]}; `candor-client approved {site_dir}` lists what it approved)"
+                 for r in sorted(rounds)]
+    return f"App: sha256 {logged[:16]}, NOT one this site approved.", problems
 
 
 def audit(site_path: str | Path, log_path: str | Path, *, public_key: str | None = None) -> int:
@@ -134,6 +168,11 @@ def audit(site_path: str | Path, log_path: str | Path, *, public_key: str | None
     if not _same(ours, logged):
         problems.append(f"privacy: your ledger has {len(ours)} release(s) for this run {ours}; the log records "
                         f"{len(logged)} {logged}")
+    took_part = {int(r["round"]) for r in mine} | {r for r, b in rounds.items()
+                                                   if any(u["site"] == site for u in b["updates"])}
+    app_line, app_problems = _app_check(start, receipts_file, receipts, mine, took_part)
+    print(app_line)
+    problems += app_problems
     for line in lines:
         print(f"  {line}")
     if run_entries:

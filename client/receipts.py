@@ -2,12 +2,14 @@
 
 One JSON object per line, in a file beside the site's ledger (:func:`receipts_path`)::
 
-    {"site": "hospital-1", "run_id": "...", "round": 2, "kind": "train",
+    {"site": "hospital-1", "run_id": "...", "round": 2, "kind": "train", "app_sha256": "...",
      "received_model_sha256": "...", "sent_update_sha256": "...", "time": 1795914228.4}
 
 ``kind`` is ``"train"`` (the update sent: ``sent_update_sha256``) or ``"evaluate"`` (no
-update). Hashes are :func:`common.hashing.hash_arrays`, the function the coordinator's
-audit log uses, so ``candor-client audit`` can match the two. Like the ledger, the file
+update). Model hashes are :func:`common.hashing.hash_arrays`, the function the
+coordinator's audit log uses, so ``candor-client audit`` can match the two;
+``app_sha256`` is the app hash (:mod:`common.app_hash`) of the code that handled the
+message, as the site's guard verified it (``running_app_sha256``). Like the ledger, the file
 is only appended to, by rewriting it atomically (``common.atomic``) under an exclusive
 ``flock``: concurrent ClientApp processes of one site serialise, and ``kill -9`` leaves
 the file before or after an append.
@@ -23,6 +25,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Message
 
+from candor.common.app_hash import running_app_sha256
 from candor.common.atomic import write_atomic
 from candor.common.errors import SiteError
 from candor.common.hashing import hash_arrays
@@ -83,7 +86,8 @@ def append_receipt(path: str | Path, entry: dict[str, Any]) -> None:
 def record_receipt(spec: SiteSpec, msg: Message, *, kind: str, sent: ArrayRecord | None = None) -> None:
     """Append the receipt of handling ``msg`` (and of sending ``sent``) to the site's file."""
     entry = {"site": spec.name, "run_id": str(msg.metadata.run_id), "round": int(msg.content["config"]["server-round"]),
-             "kind": kind, "received_model_sha256": hash_arrays(msg.content["arrays"]), "time": time.time()}
+             "kind": kind, "app_sha256": running_app_sha256(),
+             "received_model_sha256": hash_arrays(msg.content["arrays"]), "time": time.time()}
     if sent is not None:
         entry["sent_update_sha256"] = hash_arrays(sent)
     append_receipt(receipts_path(spec.ledger_path), entry)

@@ -2,9 +2,11 @@
 
 Format (hash chain, Ed25519 signatures, strict reader): :mod:`common.auditlog`. Entries:
 
-- ``start``: the run id, the resolved run config, the app code's hash
-  (:func:`code_sha256`), the schema's sha256, the initial model's hash, and the signing
-  key (fingerprint, and whether it is ephemeral);
+- ``start``: the run id, the resolved run config, the app's hash ``app_sha256``
+  (:mod:`common.app_hash`, the definition every site checks the code it runs against;
+  ``code_sha256`` holds the same value, under the name older logs and the model card
+  use), the schema's sha256, the initial model's hash, and the signing key (fingerprint,
+  and whether it is ephemeral);
 - ``round``, one per round (written by :class:`~candor.server.audited.AuditedStrategy`,
   the outermost layer of the run's strategy): the hash of the model sent, every update
   received (site, ``common.hashing.hash_arrays`` of the update, the privacy spending and
@@ -43,6 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ArrayRecord, Message
 
+from candor.common.app_hash import HASH_VERSION, installed_release
 from candor.common.atomic import json_safe, write_atomic
 from candor.common.auditlog import GENESIS, AuditLogError, entry_hash, key_fingerprint, load_public_key, read_log, sign_entry
 from candor.common.config import RunConfig
@@ -67,7 +70,11 @@ _PRIVACY_METRICS = {"epsilon": "epsilon", "delta": "delta", "noise-multiplier": 
 
 
 def code_sha256(root: Path = APP_ROOT) -> str:
-    """SHA-256 of the ``sha256sum`` listing of every ``.py`` file of common/, client/ and
+    """Deprecated: the listing hash older audit logs recorded as ``code_sha256``; the
+    start entry now records the app hash (:mod:`common.app_hash`) under ``app_sha256`` and
+    ``code_sha256`` instead. Kept for ``tests/trust/test_hash_arrays.py`` only.
+
+    SHA-256 of the ``sha256sum`` listing of every ``.py`` file of common/, client/ and
     server/ under ``root``, sorted by path; the same as::
 
         cd ROOT && find common client server -name '*.py' -not -path '*/__pycache__/*' \\
@@ -156,12 +163,19 @@ class AuditLog:
         self.entries.append(entry)
         return entry
 
-    def start(self, *, run_id: str, cfg: RunConfig, schema: Schema, initial: ArrayRecord) -> None:
+    def start(self, *, run_id: str, cfg: RunConfig, schema: Schema, initial: ArrayRecord,
+              app_sha256: str | None = None) -> None:
+        """Append the ``start`` entry. ``app_sha256``: the app hash of the FAB the run was
+        submitted with, if the caller knows it (``common.app_hash.submitted_app_sha256(
+        grid.run)``); by default the Candor release installed here, whose
+        ``candor.server.app`` is the ServerApp that runs."""
+        app = app_sha256 or installed_release().sha256
         self.append("start", {
             "run_id": run_id,
             "run_config": cfg.to_run_config(),
-            "code_sha256": code_sha256(),
-            "code_files": "sorted .py files of common/, client/, server/ (docs/trust.md)",
+            "app_sha256": app,
+            "code_sha256": app,
+            "code_files": f"{HASH_VERSION}: candor.common.app_hash (docs/deployment.md, Code approval at the site)",
             "schema_sha256": schema.sha256(),
             "initial_model_sha256": hash_arrays(initial),
             "audit_key": {"algorithm": "ed25519", "sha256": self.fingerprint, "ephemeral": self.ephemeral},
