@@ -2,10 +2,13 @@
 
 :func:`write_node_config` writes what the SuperNode passes to the ClientApp
 (``node_config.toml``, read by ``client.site.resolve_site``); :func:`run_supernode` starts
-``flower-supernode`` with the site's key and CA, logs everything it prints to
-``logs/supernode.log``, shows the lines that matter, and turns the failures Flower only
-logs (a refused key, a wrong CA) into one clear error. It runs until the SuperNode exits,
-or until Ctrl-C / SIGTERM, which stop it and its ClientApp processes.
+``flower-supernode`` with the site's key and CA and, beside it, Candor's SuperExec, which
+runs every ClientApp through the site's code guard (``candor-clientapp``: only the
+installed Candor release or an app the site approved runs); it logs everything both
+print to ``logs/supernode.log``, shows the lines that matter, and turns the failures
+Flower only logs (a refused key, a wrong CA) into one clear error. It runs until the
+SuperNode exits, or until Ctrl-C / SIGTERM, which stop it, its SuperExec and their
+ClientApp processes.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import ctypes
 import queue
 import re
+import secrets
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,10 +31,12 @@ from candor.common.atomic import write_atomic
 from candor.common.errors import ConnectionFailed
 from candor.common.processes import flower_bin, flower_env, free_port, last_error_line, timestamped
 
+from .approval import Approvals
 from .budget import SiteBudget
+from .clientapp_main import SITE_DIR_ENV, SITE_NAME_ENV
 from .site_dir import SiteDir
 
-__all__ = ["SUPEREXEC_POLL_SECONDS", "run_supernode", "write_node_config"]
+__all__ = ["SUPEREXEC_POLL_SECONDS", "SUPEREXEC_SECRET", "run_supernode", "write_node_config"]
 
 # Flower's SuperExec polls the SuperNode for a ClientApp process to start every 1 s by
 # default: on average 0.5 s of every message. 0.2 s saves ~0.4 s per message for ~2.7 %
@@ -37,6 +44,7 @@ __all__ = ["SUPEREXEC_POLL_SECONDS", "run_supernode", "write_node_config"]
 # Flower's default: its SuperExec starts one ServerApp per run. An explicit
 # FLWR_SUPEREXEC_TASK_POLL_INTERVAL in the environment wins.
 SUPEREXEC_POLL_SECONDS = "0.2"
+SUPEREXEC_SECRET = "superexec.secret"  # the SuperNode's and its SuperExec's shared secret, in the site directory
 STOP_GRACE = 10.0  # seconds the SuperNode gets to exit after SIGTERM, before SIGKILL
 PUMP_DRAIN = 15.0  # seconds to wait for the last lines once the SuperNode has exited
 
@@ -74,72 +82,127 @@ def run_supernode(site: SiteDir, name: str, *, server: str, node_config: Path, r
                   verbose: bool) -> int:
     """Run Flower's SuperNode for site ``name`` until it exits or is stopped; 0 if stopped.
 
+    Two processes: ``flower-supernode --isolation process`` and, beside it, Candor's
+    SuperExec (:mod:`candor.client.superexec_main`), which starts the site's guard
+    ``candor-clientapp`` (:mod:`candor.client.clientapp_main`) for every message instead
+    of Flower's ``flwr-clientapp``: the site runs only its installed Candor release or an
+    app it approved (:mod:`candor.client.approval`). Both share a fresh secret
+    (``SITE_DIR/superexec.secret``, 0600), so no other local process can take a task
+    from the SuperNode's Runtime API.
+
     Args:
         server: ``HOST:PORT`` of the SuperLink.
         runtime_port: local port of the SuperNode's Runtime API (``None``: a free one).
         verbose: print every line of the SuperNode's log.
 
     Raises:
-        ConnectionFailed: the server refused the key or the certificate, or the SuperNode exited.
+        ConnectionFailed: the server refused the key or the certificate, or the SuperNode
+            or its SuperExec exited.
     """
-    cmd = [
+    port = runtime_port or free_port()
+    secret = site.dir / SUPEREXEC_SECRET
+    write_atomic(secret, secrets.token_bytes(32), mode=0o600)  # new at each start; only these two read it
+    supernode = [
         flower_bin("flower-supernode"),
         "--superlink", server,
         "--root-certificates", str(site.ca_cert),
         "--auth-supernode-private-key", str(site.private_key),
         "--node-config", str(node_config),
-        "--isolation", "subprocess",
+        "--isolation", "process",  # its SuperExec is ours, started below
+        "--superexec-auth-secret-file", str(secret),
         # the SuperNode's local Runtime API for its ClientApp processes: loopback, own port
-        "--host", "127.0.0.1", "--port", str(runtime_port or free_port()),
+        "--host", "127.0.0.1", "--port", str(port),
     ]
+    superexec = [sys.executable, "-P", "-m", "candor.client.superexec_main", "--insecure",
+                 "--runtime-api-address", f"127.0.0.1:{port}", "--superexec-auth-secret-file", str(secret)]
     site.log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = flower_env(site.flwr_home)
+    env = flower_env(site.flwr_home, **{SITE_DIR_ENV: str(site.dir), SITE_NAME_ENV: name})
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_SECONDS)
-    return _supervise(cmd, env, site, name, verbose=verbose)
+    print(_code_line(site), flush=True)
+    return _supervise(supernode, superexec, env, site, name, verbose=verbose)
+
+
+def _code_line(site: SiteDir) -> str:
+    """What code this site will run, as ``start`` prints it."""
+    from candor.common.app_hash import installed_release
+
+    approved = Approvals(site.dir).active()
+    return (f"Code: this site runs only its installed Candor release (app sha256 {installed_release().sha256[:16]})"
+            + (f" and {len(approved)} app(s) it approved" if approved else "")
+            + f"; `candor-client approved {site.dir}` lists them.")
 
 
 class _Stop(Exception):
     pass
 
 
-def _supervise(cmd: list[str], env: dict[str, str], site: SiteDir, name: str, *, verbose: bool) -> int:
-    """Run the SuperNode in this process group; log everything; turn known failures into one line.
+def _supervise(supernode_cmd: list[str], superexec_cmd: list[str], env: dict[str, str], site: SiteDir, name: str,
+               *, verbose: bool) -> int:
+    """Run the SuperNode and its SuperExec in this process group; log everything; turn
+    known failures into one line.
 
-    The SuperNode's children (SuperExec, ClientApp processes) share its output pipe and
-    exit when they see it gone, which they only do once it is reaped: so this loop
-    waits on the process, not on the end of the pipe.
+    The SuperExec is started with ``--parent-pid`` of the SuperNode (it exits when the
+    SuperNode does; its ClientApp processes watch it in turn); if it exits while the
+    SuperNode runs (e.g. its self-test refused this Flower version), both stop. Each
+    process has its own output pipe, pumped into one log; the loop waits on the
+    SuperNode, not on the end of a pipe.
     """
     failure: str | None = None
     connected = False
     stopping = False
+    exec_failure: str | None = None
 
     def on_term(signum: int, frame: Any) -> None:
         raise _Stop()
 
     previous = signal.signal(signal.SIGTERM, on_term)
-    lines: queue.Queue[str | None] = queue.Queue()
-    with open(site.log_path, "a") as log:
-        log.write(f"\n=== candor-client start {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+    lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
+    procs: list[subprocess.Popen] = []
+    readers: list[threading.Thread] = []
+
+    def start(tag: str, cmd: list[str]) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=site.dir,
                                 preexec_fn=_die_with_parent)
-        reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
-        reader.start()
+        procs.append(proc)
+        readers.append(threading.Thread(target=_pump, args=(proc.stdout, lines, tag), daemon=True))
+        readers[-1].start()
+        return proc
+
+    with open(site.log_path, "a") as log:
+        log.write(f"\n=== candor-client start {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(supernode_cmd)}\n")
         try:
+            node = start("supernode", supernode_cmd)
+            superexec_cmd = [*superexec_cmd, "--parent-pid", str(node.pid)]
+            log.write(f"=== and its SuperExec: {' '.join(superexec_cmd)}\n")
+            superexec = start("superexec", superexec_cmd)
+            last_exec_line = ""
             while True:
                 try:
-                    raw = lines.get(timeout=0.2)
+                    tag, raw = lines.get(timeout=0.2)
                 except queue.Empty:
-                    if proc.poll() is not None:  # reaped: now its children see it gone and exit
-                        reader.join(timeout=PUMP_DRAIN)
+                    if node.poll() is not None:  # reaped: now its SuperExec and ClientApps see it gone and exit
+                        for reader in readers:
+                            reader.join(timeout=PUMP_DRAIN)
                         if lines.empty():
                             break
+                    elif superexec.poll() is not None and exec_failure is None:
+                        readers[1].join(timeout=PUMP_DRAIN)  # its last lines say why
+                        exec_failure = (f"the site's SuperExec (candor.client.superexec_main) exited with code "
+                                        f"{superexec.returncode}: {last_exec_line or 'no output'} (full log: "
+                                        f"{site.log_path})")
+                        if lines.empty():
+                            break
+                    elif exec_failure is not None and lines.empty():
+                        break
                     continue
                 if raw is None:
-                    break
+                    continue
                 log.write(timestamped(raw))
                 log.flush()
                 line = raw.strip()
+                if tag == "superexec" and line:
+                    last_exec_line = _short(line)
                 if "SuperNode ID:" in line and not connected:
                     connected = True
                     print(f"Site '{name}' connected as node {line.rsplit(':', 1)[1].strip()}; waiting for "
@@ -151,30 +214,34 @@ def _supervise(cmd: list[str], env: dict[str, str], site: SiteDir, name: str, *,
                 elif "CERTIFICATE_VERIFY_FAILED" in line:
                     failure = (f"the server's certificate was not signed by the federation's CA ({site.ca_cert}): "
                                "ask the coordinator for a fresh invite")
-                elif "Receiving:" in line or "refuses round" in line or "ERROR" in line or verbose:
+                elif ("Receiving:" in line or "refuses round" in line or "refuses app" in line or "ERROR" in line
+                      or "an app this site approved" in line or verbose):
                     print(_short(line), flush=True)
-            proc.wait()
+            node.poll()
         except (KeyboardInterrupt, _Stop):
             stopping = True
         finally:
             signal.signal(signal.SIGTERM, previous)
-            _stop_child(proc)
+            for proc in procs:
+                _stop_child(proc)
     if stopping:
         print(f"Site '{name}' stopped.")
         return 0
     if failure:
         raise ConnectionFailed(failure)
-    if connected and proc.returncode == 0:
+    if exec_failure:
+        raise ConnectionFailed(exec_failure)
+    if connected and node.returncode == 0:
         raise ConnectionFailed(f"the SuperNode stopped (the coordinator may have removed site '{name}'); "
                                f"its log is {site.log_path}")
-    raise ConnectionFailed(f"the SuperNode exited with code {proc.returncode}: {last_error_line(site.log_path)} "
+    raise ConnectionFailed(f"the SuperNode exited with code {node.returncode}: {last_error_line(site.log_path)} "
                            f"(full log: {site.log_path})")
 
 
-def _pump(stream, lines: queue.Queue) -> None:
+def _pump(stream, lines: queue.Queue, tag: str) -> None:
     for raw in stream:
-        lines.put(raw)
-    lines.put(None)
+        lines.put((tag, raw))
+    lines.put((tag, None))
 
 
 def _die_with_parent() -> None:
@@ -191,7 +258,7 @@ def _short(line: str) -> str:
 
 
 def _stop_child(proc: subprocess.Popen, grace: float = STOP_GRACE) -> None:
-    """SIGTERM the SuperNode (its SuperExec and ClientApp processes watch its pid), then SIGKILL."""
+    """SIGTERM the SuperNode or its SuperExec (ClientApp processes watch the SuperExec's pid), then SIGKILL."""
     if proc.poll() is None:
         proc.terminate()
         try:
