@@ -31,6 +31,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"  server cert      valid for {', '.join(certificate_hosts(fed.pki.server_cert))}; sites dial {fed.address}")
     print(f"  schema           {fed.schema_path} (sha256 {fed.schema().sha256()[:12]})")
     print(f"  run config       {fed.run_config_path}")
+    print(f"  control token    {fed.flwr_home / 'credentials.yaml'} (0600; opens the server to `flwr`: never send it)")
     print("Next: for each institution, `candor-server add-site DIR NAME node.pub` with the public key it sends you,\n"
           f"then `candor-server invite DIR NAME` and `candor-server start {fed.dir}`.")
     return 0
