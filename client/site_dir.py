@@ -2,13 +2,18 @@
 
 Layout::
 
-    site.toml          site name; from the invite: federation, server address, min-rows
+    site.toml          site name; from the invite: federation, server address, min-rows,
+                       the accepted schema's sha256; [limits]: what a run may ask of the
+                       site (candor-client start --max-rounds ...; common.policy.SiteLimits)
     keys/node.key      the node's private key (0600; never leaves this machine)
     keys/node.pub      its public key: send this file to the coordinator
     keys/retired/      keys replaced by `candor-client new-key`
     federation/        ca.crt and schema.toml, from the coordinator's invite
-    budget.toml        the site's lifetime privacy budget (its own setting; client.budget)
-    ledger.json        every private round this site ever trained (client.ledger)
+    budget.toml        the site's lifetime privacy budget (its own setting; client.budget; 0600)
+    ledger.json        every private round this site ever trained (client.ledger; 0600)
+    receipts.jsonl     what the site received and sent, per message (client.receipts)
+    approved_apps.json apps the site approved beyond its installed release (client.approval; 0600)
+    superexec.secret   the SuperNode/SuperExec secret (0600, rewritten at each start)
     node_config.toml   what the SuperNode passes to the ClientApp (rewritten each start)
     flwr/              the SuperNode's FLWR_HOME
     logs/supernode.log everything the SuperNode and the ClientApp printed

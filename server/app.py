@@ -11,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from candor.common.app_hash import submitted_app_sha256
 from candor.common.config import RunConfig
 from candor.common.demo import DEMO_SCHEMA_PATH
 from candor.common.encoding import Encoder
@@ -64,7 +65,9 @@ def main(grid: Grid, context: Context) -> None:
                            feature_names=list(encoder.feature_names))
     audit = AuditLog(recorder.dir, audit_key, ephemeral=ephemeral)
     initial = ArrayRecord(model.state_dict())
-    audit.start(run_id=str(context.run_id), cfg=cfg, schema=schema, initial=initial)
+    # the hash of the app this run was submitted with (what every site checks: common/app_hash.py)
+    audit.start(run_id=str(context.run_id), cfg=cfg, schema=schema, initial=initial,
+                app_sha256=submitted_app_sha256(grid.run))
     # audit > recording > secure aggregation or update checks > FedAvg-family (server/strategy.py)
     strategy = assemble(cfg, build_strategy(cfg), recorder=recorder, audit=audit)
     shared = ConfigRecord({"schema-sha256": schema.sha256()})

@@ -34,7 +34,6 @@ with it; a long-lived key whose fingerprint the coordinator publishes proves mor
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Iterable
@@ -56,34 +55,15 @@ from candor.common.schema import Schema
 
 from .outputs import site_of
 
-__all__ = ["APP_ROOT", "AUDIT_LOG", "PUBLIC_KEY", "AuditLog", "code_sha256", "describe_update", "load_private_key",
+__all__ = ["AUDIT_LOG", "PUBLIC_KEY", "AuditLog", "describe_update", "load_private_key",
            "public_pem", "verify_run", "write_private_key"]
 
 logger = logging.getLogger(__name__)
 
 AUDIT_LOG = "audit.jsonl"
 PUBLIC_KEY = "audit_public_key.pem"
-APP_ROOT = Path(__file__).resolve().parents[1]
-CODE_PACKAGES = ("common", "client", "server")
 _PRIVACY_METRICS = {"epsilon": "epsilon", "delta": "delta", "noise-multiplier": "noise_multiplier",
                     "sample-rate": "sample_rate", "steps": "steps"}
-
-
-def code_sha256(root: Path = APP_ROOT) -> str:
-    """Deprecated: the listing hash older audit logs recorded as ``code_sha256``; the
-    start entry now records the app hash (:mod:`common.app_hash`) under ``app_sha256`` and
-    ``code_sha256`` instead. Kept for ``tests/trust/test_hash_arrays.py`` only.
-
-    SHA-256 of the ``sha256sum`` listing of every ``.py`` file of common/, client/ and
-    server/ under ``root``, sorted by path; the same as::
-
-        cd ROOT && find common client server -name '*.py' -not -path '*/__pycache__/*' \\
-            | LC_ALL=C sort | xargs sha256sum | sha256sum
-    """
-    files = sorted(p.relative_to(root).as_posix() for pkg in CODE_PACKAGES for p in (root / pkg).rglob("*.py")
-                   if "__pycache__" not in p.parts)
-    listing = "".join(f"{sha256_file(root / rel)}  {rel}\n" for rel in files)
-    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
 
 
 # --- keys ---------------------------------------------------------------------------------

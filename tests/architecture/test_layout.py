@@ -55,7 +55,8 @@ def test_the_installed_distribution_has_one_top_level_package():
     assert dist.read_text("top_level.txt").split() == ["candor"]
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
     assert scripts == {"candor-sim": "candor.simulations.cli:main", "candor-client": "candor.client.cli:main",
-                       "candor-server": "candor.server.cli:main"}
+                       "candor-server": "candor.server.cli:main",
+                       "candor-clientapp": "candor.client.clientapp_main:main"}  # the site's guard (docs/deployment.md)
 
 
 @pytest.mark.parametrize("name", PACKAGES)

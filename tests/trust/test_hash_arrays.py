@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
 from candor.common.hashing import hash_arrays
-from candor.server.audit import APP_ROOT, code_sha256
 
 
 def test_same_hash_for_torch_state_dict_array_record_and_numpy():
@@ -43,8 +43,20 @@ def test_any_change_of_name_dtype_shape_or_value_changes_the_hash():
     assert len(hashes) == len(variants) + 1
 
 
-def test_code_hash_is_the_documented_shell_pipeline():
+def test_the_app_hash_is_the_documented_shell_pipeline_on_the_bundle_flwr_run_submits(tmp_path):
+    """docs/deployment.md's recomputation, on the FAB Flower builds from this repository,
+    gives the installed release's hash, which the audit log's start entry records."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from candor.common.app_hash import installed_release
+    from candor.common.processes import APP_DIR
+
+    (tmp_path / "app.fab").write_bytes(build_fab_from_disk(APP_DIR))
+    subprocess.run([sys.executable, "-m", "zipfile", "-e", "app.fab", "app/"], cwd=tmp_path, check=True)
     shell = subprocess.run(
-        "find common client server -name '*.py' -not -path '*/__pycache__/*' | LC_ALL=C sort | xargs sha256sum "
-        "| sha256sum", shell=True, cwd=APP_ROOT, capture_output=True, text=True, check=True)
-    assert code_sha256() == shell.stdout.split()[0]
+        "{ printf 'candor-app-hash 1\\n'; "
+        "printf 'component clientapp candor.client.app:app\\ncomponent serverapp candor.server.app:app\\n'; "
+        "find . -type f ! -path ./pyproject.toml ! -path './.info/*' | sed 's|^\\./||' | LC_ALL=C sort "
+        "| xargs sha256sum; } | sha256sum", shell=True, cwd=tmp_path / "app", capture_output=True, text=True,
+        check=True)
+    assert installed_release().sha256 == shell.stdout.split()[0]
