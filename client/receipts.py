@@ -75,7 +75,7 @@ def append_receipt(path: str | Path, entry: dict[str, Any]) -> None:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 text = path.read_text(encoding="utf-8") if path.exists() else ""
-                write_atomic(path, text + json.dumps(entry, sort_keys=True) + "\n")
+                write_atomic(path, text + json.dumps(entry, sort_keys=True) + "\n", mode=0o600)  # the site's own
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
     except OSError as err:

@@ -46,13 +46,14 @@ class SimulationResult:
 
 @contextmanager
 def local_superlink(home: Path, env: Mapping[str, str]) -> Iterator[int]:
-    """A simulation SuperLink on free loopback ports; yields its HTTP port."""
-    port, control = free_port(), free_port()
+    """A simulation SuperLink on a free loopback port; yields its HTTP port. (Its Control
+    API is on the same port, open to this machine's users for the run's duration: a
+    researcher's own simulation, no site's data; deployment closes it, docs/deployment.md.)"""
+    port = free_port()
     log_file = home / "superlink.log"
     cmd = [
         flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
         "--host", "127.0.0.1", "--port", str(port),
-        "--control-api-address", f"127.0.0.1:{control}",
         "--disable-runtime-dependency-installation", "--log-file", str(log_file),
     ]
     proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
