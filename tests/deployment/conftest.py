@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from dataclasses import dataclass
@@ -10,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from deploy_helpers import (
-    BIN, BUDGET, BUDGET_SITE, DELTA, ENV, RUN_CONFIG, SITES, Deployment, Processes, make_site, server,
+    BIN, BUDGET, BUDGET_SITE, DELTA, ENV, RUN_CONFIG, SITES, Deployment, Processes, make_site, server, stop_superlink,
 )
 
-from candor.common.processes import free_port, pid_alive, stop_pid_group
+from candor.common.processes import free_port
 from candor.common.demo import DEMO_SCHEMA_PATH, breast_cancer_frame
 from candor.common.partition import partition
 
@@ -45,17 +44,7 @@ def deployment(tmp_path_factory):
         yield dep
     finally:
         dep.procs.stop_all()
-        server("stop", dep.fed)
-        _kill_leftover_superlink(dep.fed)
-
-
-def _kill_leftover_superlink(fed: Path) -> None:
-    try:
-        pid = int(json.loads((fed / "superlink.pid").read_text())["pid"])
-    except (OSError, ValueError, KeyError):
-        return
-    if pid_alive(pid):
-        stop_pid_group(pid, grace=5)
+        stop_superlink(dep.fed)
 
 
 @dataclass(frozen=True)

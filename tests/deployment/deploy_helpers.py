@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import dp_accounting
 
-from candor.common.processes import stop_group, wait_until
+from candor.common.processes import pid_alive, stop_group, stop_pid_group, wait_until
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
@@ -117,6 +118,17 @@ class Deployment:
                                                    "--invite", invite, "--data", self.data[name], *extra])
         self.clients[name] = proc
         return proc
+
+
+def stop_superlink(fed: Path) -> None:
+    """`candor-server stop FED`, then end a SuperLink that outlived it (a failed test)."""
+    server("stop", fed)
+    try:
+        pid = int(json.loads((fed / "superlink.pid").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return
+    if pid_alive(pid):
+        stop_pid_group(pid, grace=5)
 
 
 def make_site(dep: Deployment, name: str) -> Path:

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from deploy_helpers import Deployment, Processes, client, flwr, make_site, server
+from deploy_helpers import Deployment, Processes, client, flwr, make_site, server, stop_superlink
 
 from candor.common.app_hash import read_app_dir
 from candor.common.demo import DEMO_SCHEMA_PATH, breast_cancer_frame
 from candor.common.partition import partition
-from candor.common.processes import APP_DIR, free_port, pid_alive, stop_pid_group
+from candor.common.processes import APP_DIR, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -87,16 +87,6 @@ def _tampered_copy(target: Path) -> Path:
     return target
 
 
-def _stop_superlink(fed: Path) -> None:
-    server("stop", fed)
-    try:
-        pid = int(json.loads((fed / "superlink.pid").read_text())["pid"])
-    except (OSError, ValueError, KeyError):
-        return
-    if pid_alive(pid):
-        stop_pid_group(pid, grace=5)
-
-
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     root = tmp_path_factory.mktemp("approval")
@@ -120,7 +110,7 @@ def fed(tmp_path_factory):
         yield dep
     finally:
         dep.procs.stop_all()
-        _stop_superlink(dep.fed)
+        stop_superlink(dep.fed)
 
 
 @pytest.fixture(scope="module")

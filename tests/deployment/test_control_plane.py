@@ -31,14 +31,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from candor.common.errors import ConfigError
 from candor.common.invite import Invite
-from candor.common.processes import free_port, pid_alive, stop_pid_group
+from candor.common.processes import free_port, pid_alive
 from candor.server import control_plane, superlink_main
 from candor.server.federation import Federation
 from candor.server.pki import create_pki
 from candor.server.superlink import superexec_pids
 from candor.common.demo import DEMO_SCHEMA_PATH
 
-from deploy_helpers import client, flwr, outsider_home, refused, server, write_outsider_app
+from deploy_helpers import client, flwr, outsider_home, refused, server, stop_superlink, write_outsider_app
 
 slow = pytest.mark.slow  # starts a real SuperLink (this module does not use the `deployment` fixture)
 
@@ -168,16 +168,6 @@ def _init(fed: Path, port: int) -> None:
     assert code == 0, err
 
 
-def _stop(fed: Path) -> None:
-    server("stop", fed)
-    try:
-        pid = int(json.loads((fed / "superlink.pid").read_text())["pid"])
-    except (OSError, ValueError, KeyError):
-        return
-    if pid_alive(pid):
-        stop_pid_group(pid, grace=5)
-
-
 @pytest.fixture(scope="module")
 def closed(tmp_path_factory):
     root = tmp_path_factory.mktemp("closed")
@@ -191,7 +181,7 @@ def closed(tmp_path_factory):
         assert code == 0, out + err
         yield Closed(fed, port, Invite.read(fed / "invites" / "h1.toml"), root)
     finally:
-        _stop(fed)
+        stop_superlink(fed)
 
 
 @slow
@@ -335,4 +325,4 @@ def test_an_old_directory_gets_its_secrets_at_start_and_stop_ends_the_superexec(
         assert code == 0 and "Stopped" in out
         assert not pid_alive(pid) and not any(pid_alive(p) for p in helpers)
     finally:
-        _stop(fed)
+        stop_superlink(fed)
