@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def tapped_app(where: Path) -> Path:
     component = 'clientapp = "candor.client.app:app"'
     pyproject = (APP_DIR / "pyproject.toml").read_text()
     assert pyproject.count(component) == 1
+    pyproject = re.sub(r"(?ms)^fab-include = \[.*?^\]", 'fab-include = ["plaintext_tap.py"]', pyproject)  # this app's files
     (where / "pyproject.toml").write_text(pyproject.replace(component, 'clientapp = "plaintext_tap:app"'))
     shutil.copy(HERE / "plaintext_tap.py", where / "plaintext_tap.py")
     return where
