@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, flower_args = _parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if refused := [name for name in _REFUSED_ENV if os.environ.get(name) == "1"]:
-            raise CandorError(f"superlink_main: {', '.join(refused)} is set; it would open Flower's deprecated "
+            raise ConfigError(f"superlink_main: {', '.join(refused)} is set; it would open Flower's deprecated "
                               "gRPC APIs or its enterprise login beside the closed control plane; unset it")
         digest = read_token_digest(args.control_token_sha256)
         read_secret(args.superexec_auth_secret_file)  # exists, private, long enough
