@@ -56,6 +56,7 @@ class RunConfig:
     out_dir: str = ""  # run directory; "" = runs/<timestamp>
     sim_manifest: str = ""  # simulation only: JSON manifest of simulated sites
     round_timeout: float = 3600.0  # seconds to wait for replies in one round
+    site_wait_timeout: float = 600.0  # seconds a round waits for min-sites connected sites, then the run stops
     explain: bool = True  # after training, sites release feature importances of the final model
     explain_noise_multiplier: float = 3.0  # σ of that release (DP runs; one Gaussian, ε ≈ 1.28 alone at δ=1e-5)
     explain_clip: float = 0.5  # L2 bound C on one record's |contribution| vector, probability points
@@ -79,6 +80,7 @@ class RunConfig:
         _positive(self, "local_epochs")
         _positive(self, "learning_rate")
         _positive(self, "round_timeout")
+        _positive(self, "site_wait_timeout")
         _positive(self, "explain_noise_multiplier")
         _positive(self, "explain_clip")
         if self.target_epsilon < 0:

@@ -31,6 +31,7 @@ from .checks import UpdateChecks
 from .outputs import RunRecorder
 from .recording import RecordingStrategy
 from .secagg import MIN_SITES, RECORD_FILE, SecureAggregation
+from .site_wait import SiteWait
 
 __all__ = ["assemble", "build_strategy", "nan_aware_mean"]
 
@@ -85,7 +86,8 @@ def assemble(cfg: RunConfig, inner: Strategy, *, recorder: RunRecorder, audit: A
     """The run's strategy: ``inner`` (from :func:`build_strategy`) in Candor's layers.
 
     Outermost first: audit (:class:`~candor.server.audited.AuditedStrategy`), recording
-    (:class:`~candor.server.recording.RecordingStrategy`), then secure aggregation
+    (:class:`~candor.server.recording.RecordingStrategy`), waiting for the sites a round
+    needs with a deadline (:class:`~candor.server.site_wait.SiteWait`), then secure aggregation
     (:class:`~candor.server.secagg.SecureAggregation`, writing ``secure_aggregation.json``
     in the run directory) if ``cfg.secure_aggregation``, else the update checks
     (:class:`~candor.server.checks.UpdateChecks`, reporting rejections to ``recorder``),
@@ -98,4 +100,13 @@ def assemble(cfg: RunConfig, inner: Strategy, *, recorder: RunRecorder, audit: A
                     "site updates", PROGRESS)
     else:
         guarded = UpdateChecks(inner, max_update_norm=cfg.max_update_norm, on_reject=recorder.rejected)
-    return AuditedStrategy(RecordingStrategy(guarded, recorder), audit, recorder)
+    waiting = SiteWait(guarded, min_train=_inner_min(inner, "min_train_nodes", cfg.min_sites),
+                       min_evaluate=_inner_min(inner, "min_evaluate_nodes", cfg.min_sites),
+                       timeout=cfg.site_wait_timeout)
+    return AuditedStrategy(RecordingStrategy(waiting, recorder), audit, recorder)
+
+
+def _inner_min(inner: Strategy, attribute: str, default: int) -> int:
+    """The sites the aggregation strategy waits for (its ``min_available_nodes`` and
+    ``attribute``), so that the waiting layer waits for exactly what it would."""
+    return max(int(getattr(inner, attribute, default)), int(getattr(inner, "min_available_nodes", default)))

@@ -23,6 +23,7 @@ from candor.server.audited import AuditedStrategy
 from candor.server.checks import UpdateChecks
 from candor.server.outputs import RunRecorder
 from candor.server.recording import RecordingStrategy
+from candor.server.site_wait import SiteWait
 from candor.server.secagg import SecureAggregation
 from candor.server.strategy import assemble, build_strategy
 from candor.server.wrapper import StrategyWrapper, layers
@@ -57,6 +58,8 @@ WRAPPERS = {
     SecureAggregation: (lambda inner, rec, log: SecureAggregation(inner),
                         {"summary", "configure_train", "aggregate_train"}),
     AuditedStrategy: (lambda inner, rec, log: AuditedStrategy(inner, log, rec), {"configure_train", "aggregate_train"}),
+    SiteWait: (lambda inner, rec, log: SiteWait(inner, min_train=1, min_evaluate=1, timeout=5.0),
+               {"configure_train", "configure_evaluate", "aggregate_train", "aggregate_evaluate"}),
 }
 
 
@@ -118,7 +121,7 @@ def test_assemble_stacks_audit_recording_then_secagg_or_checks_then_the_strategy
     recorder, log = run_dir
     cfg = RunConfig(secure_aggregation=secure, min_sites=3)
     stack = assemble(cfg, build_strategy(cfg), recorder=recorder, audit=log)
-    assert [type(layer) for layer in layers(stack)] == [AuditedStrategy, RecordingStrategy, guard, FedAvg]
+    assert [type(layer) for layer in layers(stack)] == [AuditedStrategy, RecordingStrategy, SiteWait, guard, FedAvg]
     assert stack.secure_aggregation is secure  # the audit layer found (or not) the layer that hides updates
 
 
