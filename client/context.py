@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Error, Message
 
 from candor.common.config import RunConfig
 from candor.common.data import SiteData, load_plugin_site, load_site, stable_seed
-from candor.common.errors import SchemaError
+from candor.common.errors import REFUSAL_CODE, SchemaError
 from candor.common.models import build_model
 from candor.common.privacy import PRIVACY_UNIT
 from candor.common.schema import Schema
@@ -27,7 +27,7 @@ __all__ = ["REFUSED", "SiteContext", "refusal"]
 
 logger = logging.getLogger(__name__)
 
-REFUSED = 4001  # Error code of a site's refusal (budget, schema, data)
+REFUSED = REFUSAL_CODE  # Error code of a site's refusal (budget, schema, data)
 
 
 class SiteContext:

@@ -84,6 +84,11 @@ class BudgetExceeded(CandorError):
     target or its lifetime privacy budget; nothing was trained, sent or recorded."""
 
 
+# The Flower Error code of a site's refusal (its budget, limits, schema, data): the site
+# refused before it trained or recorded anything.
+REFUSAL_CODE = 4001
+
+
 class RunRefused(CandorError):
     """A site refuses a run whose settings are outside the site's own limits (its
     setting, never the coordinator's), or that tries to select code or paths at the site."""

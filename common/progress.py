@@ -9,7 +9,7 @@ reports an error.
 
 from __future__ import annotations
 
-__all__ = ["PROGRESS", "STOPPED", "ProgressPrinter", "progress_text", "show_line"]
+__all__ = ["PROGRESS", "STOPPED", "ProgressPrinter", "progress_text", "show_line", "unconfirmed_text"]
 
 PROGRESS = "[candor]"  # prefix of the ServerApp's log lines meant for the user
 # How the ServerApp's progress line begins when it ends a run it cannot continue (and has
@@ -50,3 +50,13 @@ class ProgressPrinter:
         elif self.explained and not self.verbose:
             return
         show_line(line, verbose=self.verbose)
+
+
+def unconfirmed_text(site_privacy: dict) -> str:
+    """The clause the commands' summaries add for a site with rounds whose reply never
+    arrived (privacy.json's ``unconfirmed_rounds``), or ``""``."""
+    rounds = site_privacy.get("unconfirmed_rounds")
+    if not rounds:
+        return ""
+    return (f"; rounds {', '.join(map(str, rounds))} unconfirmed (no reply): up to ε = "
+            f"{site_privacy['epsilon_if_unconfirmed_spent']:.3f} if the site spent them, as its ledger will show")

@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from candor.common.atomic import json_safe, write_atomic, write_json_atomic
 from candor.common.config import RunConfig
+from candor.common.errors import REFUSAL_CODE
 from candor.common.model_file import MODEL_FILE, ModelFile
 from candor.common.privacy import PRIVACY_UNIT, MechanismRecord, epsilon
 from candor.common.progress import PROGRESS
@@ -47,6 +48,9 @@ class RunRecorder:
         self.feature_names = feature_names
         self.rounds: dict[int, dict[str, Any]] = {}
         self.privacy: dict[str, dict[str, Any]] = {}
+        self._asked: dict[int, set[int]] = {}  # round -> nodes asked to train
+        self._answered: dict[int, set[int]] = {}  # round -> nodes that trained or refused (a known outcome)
+        self._node_of: dict[str, int] = {}  # site -> its node id
         write_json_atomic(self.dir / "config.json", {
             "run_config": cfg.to_run_config(),
             "schema_sha256": schema.sha256(),
@@ -58,18 +62,25 @@ class RunRecorder:
                                           "rejected": []})
 
     # --- called by RecordingStrategy ------------------------------------------
-    def sampled(self, server_round: int, count: int) -> None:
-        self._round(server_round)["sampled"] = count
+    def sampled(self, server_round: int, nodes: list[int]) -> None:
+        """The nodes asked to train in ``server_round``."""
+        self._round(server_round)["sampled"] = len(nodes)
+        self._asked[server_round] = set(nodes)
 
     def train_reply(self, server_round: int, msg: Message) -> None:
         entry = self._round(server_round)
+        node = msg.metadata.src_node_id
         if msg.has_error():
             reason = msg.error.reason
-            entry["refusals"].append({"node": msg.metadata.src_node_id, "reason": reason})
+            entry["refusals"].append({"node": node, "reason": reason})
             logger.warning("%s round %d: a site did not train: %s", PROGRESS, server_round, reason)
+            if msg.error.code == REFUSAL_CODE or "refuses" in reason:
+                self._answered.setdefault(server_round, set()).add(node)  # refused before spending anything
             return
+        self._answered.setdefault(server_round, set()).add(node)
         ident = msg.content.config_records.get("candor", {})
         site = site_of(msg)
+        self._node_of[site] = node
         metrics = dict(next(iter(msg.content.metric_records.values())))
         entry["train"][site] = metrics
         if "history" in ident:
@@ -145,6 +156,29 @@ class RunRecorder:
                            "rejected": e["rejected"]})
         return {"task": self.schema.label.task, "rounds": rounds}
 
+    def _unconfirmed(self, site: str, p: dict[str, Any]) -> list[int]:
+        """Rounds ``site`` was asked to train whose outcome never arrived (no reply, or a
+        failure other than a refusal) and that its reported history does not cover: it may
+        have trained and charged its ledger before the reply was lost."""
+        node = self._node_of.get(site)
+        covered = {h["round"] for h in p.get("history", [])}
+        return sorted(r for r, asked in self._asked.items()
+                      if node in asked and node not in self._answered.get(r, set()) and r not in covered)
+
+    def _site_privacy(self, site: str, p: dict[str, Any]) -> dict[str, Any]:
+        unconfirmed = self._unconfirmed(site, p)
+        training = [h for h in p.get("history", []) if h["round"] not in {r["round"] for r in p.get("releases", [])}]
+        if not unconfirmed or not training:
+            return p
+        last = training[-1]  # σ is fixed for the run; q and steps are the site's own
+        assumed = [MechanismRecord(**{**last, "round": r}) for r in unconfirmed]
+        history = [MechanismRecord(**h) for h in p["history"]] + assumed
+        return {**p, "unconfirmed_rounds": unconfirmed,
+                "epsilon_if_unconfirmed_spent": epsilon(history, delta=p["delta"], accountant=p["accountant"]),
+                "unconfirmed_note": "rounds the site was asked to train whose reply never arrived: it may have "
+                                    "trained and charged them (its ledger is the record); "
+                                    "epsilon_if_unconfirmed_spent counts them at the run's mechanism"}
+
     def privacy_doc(self) -> dict[str, Any]:
         return {
             "dp": self.cfg.dp,
@@ -152,7 +186,7 @@ class RunRecorder:
             "target_epsilon": self.cfg.target_epsilon if self.cfg.dp else None,
             "note": "epsilon is the cumulative guarantee over every round of this run listed in "
                     "history, recomputed by the coordinator from that history",
-            "sites": dict(sorted(self.privacy.items())),
+            "sites": {site: self._site_privacy(site, p) for site, p in sorted(self.privacy.items())},
         }
 
     def write_tables(self) -> None:

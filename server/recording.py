@@ -40,7 +40,7 @@ class RecordingStrategy(StrategyWrapper):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.recorder.sampled(server_round, len(messages))
+        self.recorder.sampled(server_round, [m.metadata.dst_node_id for m in messages])
         return messages
 
     def aggregate_train(self, server_round: int,

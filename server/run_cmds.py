@@ -24,7 +24,7 @@ from candor.common.commands import add_command, add_config_option, add_verbose_o
 from candor.common.config import RunConfig, merge_overrides
 from candor.common.errors import ConfigError, FederationError
 from candor.common.processes import APP_DIR, ProcessTimeout, flower_bin, run_status, stream_flwr_run, wait_until
-from candor.common.progress import ProgressPrinter
+from candor.common.progress import ProgressPrinter, unconfirmed_text
 
 from . import superlink
 from .federation import CONNECTION, Federation
@@ -156,7 +156,7 @@ def _summary(out: Path, run_id: int, status: str, seconds: float) -> None:
               ", ".join(f"{k} {v:.3f}" for k, v in last["aggregate"].items() if isinstance(v, (int, float))))
     for site, p in sorted(privacy.get("sites", {}).items()):
         print(f"  {site:<20} ε = {p['epsilon']:.3f} for this run (δ = {p['delta']:g}, {p['accountant'].upper()}, "
-              f"{len(p['history'])} rounds)")
+              f"{len(p['history'])} rounds){unconfirmed_text(p)}")
     print(f"Outputs: {out}")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from candor.common.commands import add_config_option, add_verbose_option
 from candor.common.config import RunConfig, merge_overrides
 from candor.common.errors import ConfigError, run_command
-from candor.common.progress import ProgressPrinter
+from candor.common.progress import ProgressPrinter, unconfirmed_text
 
 
 def _prepare(args: argparse.Namespace, out: Path):
@@ -101,7 +101,8 @@ def _summary(out: Path, seconds: float) -> None:
             extra = "".join(f" + {r['what']} release (σ = {r['noise_multiplier']:.2f})" for r in p.get("releases", []))
             print(f"  {site:<16} ε = {p['epsilon']:.3f}  δ = {p['delta']:g}  ({p['accountant'].upper()}; "
                   f"{len(training)} rounds of {sum(h['steps'] for h in training) // max(len(training), 1)} steps, "
-                  f"σ = {first.get('noise_multiplier', 0):.3f}, q = {first.get('sample_rate', 0):.4f}{extra})")
+                  f"σ = {first.get('noise_multiplier', 0):.3f}, q = {first.get('sample_rate', 0):.4f}{extra})"
+                  f"{unconfirmed_text(p)}")
     else:
         print("DP was off: the model carries no privacy guarantee.")
     print(f"Outputs: {out}  (metrics.json, metrics.csv, privacy.json, model.pt, progress.png, flower.log)")
