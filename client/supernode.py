@@ -214,7 +214,12 @@ def _supervise(supernode_cmd: list[str], superexec_cmd: list[str], env: dict[str
                 elif "CERTIFICATE_VERIFY_FAILED" in line:
                     failure = (f"the server's certificate was not signed by the federation's CA ({site.ca_cert}): "
                                "ask the coordinator for a fresh invite")
-                elif ("Receiving:" in line or "refuses round" in line or "refuses app" in line or "ERROR" in line
+                elif "address already in use" in line.lower():
+                    failure = ("a local port of this site's SuperNode is already in use (another site or program on "
+                               "this machine holds it): pass another --runtime-port, or leave it out to get a free one")
+                elif failure is not None and not verbose:
+                    continue  # Flower's own report of the failure just explained ("Exit Code: 305", ...)
+                elif ("Receiving:" in line or "refuses" in line or "ERROR" in line
                       or "an app this site approved" in line or verbose):
                     print(_short(line), flush=True)
             node.poll()

@@ -31,6 +31,7 @@ def test_a_client_whose_key_is_not_registered_cannot_join(deployment):
     line = _one_line(proc.stderr)
     assert "refused this site's key" in line and "add-site" in line, line
     assert "connected as node" not in proc.stdout
+    assert "Exit Code" not in proc.stdout  # Flower's own report of the failure just explained is not repeated
 
 
 def test_a_client_trusting_another_ca_cannot_connect(deployment, tmp_path):
