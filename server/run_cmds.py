@@ -22,7 +22,7 @@ import tomli_w
 from candor.common.atomic import write_atomic, write_json_atomic
 from candor.common.commands import add_command, add_config_option, add_verbose_option
 from candor.common.config import RunConfig, merge_overrides
-from candor.common.errors import ConfigError, FederationError
+from candor.common.errors import ConfigError, FederationError, Terminated
 from candor.common.processes import APP_DIR, ProcessTimeout, flower_bin, run_status, stream_flwr_run, wait_until
 from candor.common.progress import ProgressPrinter, unconfirmed_text
 
@@ -106,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _submit_and_stream(fed: Federation, config_file: Path, log_path: Path, *, verbose: bool) -> int | None:
     """`flwr run --stream`: log every line with its time, show progress lines; returns the run id.
-    On Ctrl-C the run is stopped on the SuperLink too."""
+    On Ctrl-C or SIGTERM the run is stopped on the SuperLink too."""
     cmd = [flower_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(config_file)]
     run_id: int | None = None
 
@@ -119,7 +119,7 @@ def _submit_and_stream(fed: Federation, config_file: Path, log_path: Path, *, ve
     try:
         return stream_flwr_run(cmd, env=superlink.env(fed), log_path=log_path, timestamps=True, on_start=started,
                                on_line=ProgressPrinter(verbose=verbose))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):  # Ctrl-C or SIGTERM: the run is stopped too, not left running
         if run_id is not None:
             print(f"\nStopping run {run_id}...", file=sys.stderr)
             subprocess.run([flower_bin("flwr"), "stop", str(run_id), CONNECTION], env=superlink.env(fed),
