@@ -40,7 +40,7 @@ from candor.common.node_keys import fingerprint, read_public_key
 from candor.common.schema import Schema
 
 from . import control_plane
-from .pki import ServerPKI, create_pki
+from .pki import SERVER_DAYS, ServerPKI, create_pki
 
 __all__ = ["CONNECTION", "DEFAULT_PORT", "Federation", "SiteEntry"]
 
@@ -122,11 +122,12 @@ class Federation:
     # --- create / load ------------------------------------------------------------
     @classmethod
     def create(cls, directory: Path, *, name: str, hosts: list[str], port: int, schema: Path,
-               run_config: dict[str, Any]) -> Federation:
-        """Create the federation directory (refuses to touch an existing federation).
+               run_config: dict[str, Any], cert_days: int = SERVER_DAYS) -> Federation:
+        """Create the federation directory (refuses to touch an existing federation); the
+        server certificate is valid for ``cert_days`` (the CA for ``pki.CA_DAYS``).
 
         Raises:
-            ConfigError: bad name, host or port, or an invalid run config.
+            ConfigError: bad name, host, port or certificate lifetime, or an invalid run config.
             SchemaError: the schema file is unreadable or breaks the format.
             FederationError: ``directory`` already holds a federation or other files.
         """
@@ -141,7 +142,7 @@ class Federation:
         parsed = Schema.load(schema)
         RunConfig.from_run_config(run_config)  # validates the overrides
         hosts = list(dict.fromkeys(h.strip() for h in hosts if h.strip())) or ["127.0.0.1"]
-        create_pki(directory / "pki", federation=name, hosts=hosts)  # validates hosts first
+        create_pki(directory / "pki", federation=name, hosts=hosts, server_days=cert_days)  # validates hosts first
         parsed.save(directory / "schema.toml")
         for sub in ("flwr", "state", "logs", "runs", "invites"):
             (directory / sub).mkdir(exist_ok=True)
@@ -188,6 +189,15 @@ class Federation:
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise FederationError(f"{directory}: federation.toml or sites.json lacks or garbles an entry "
                                   f"({type(err).__name__}: {err}); restore them from a backup") from None
+
+    def set_hosts(self, hosts: list[str]) -> None:
+        """Record the hosts of a new server certificate in federation.toml (the first is
+        the address invites name); the other entries are kept."""
+        path = self.dir / "federation.toml"
+        meta = tomllib.loads(path.read_text())
+        meta["hosts"] = list(hosts)
+        write_atomic(path, tomli_w.dumps(meta))
+        self.hosts = list(hosts)
 
     def save_registry(self) -> None:
         write_json_atomic(self.dir / "sites.json", {

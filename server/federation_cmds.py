@@ -18,17 +18,21 @@ from candor.common.invite import Invite
 
 from . import superlink
 from .federation import DEFAULT_PORT, Federation
-from .pki import certificate_hosts
+from .pki import CA_DAYS, MAX_SERVER_DAYS, SERVER_DAYS, day, lifetime_report
 
-__all__ = ["register"]
+__all__ = ["register", "write_invite"]
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     fed = Federation.create(Path(args.dir), name=args.name, hosts=args.host or ["127.0.0.1"], port=args.port,
-                            schema=Path(args.schema), run_config=merge_overrides(args.config))
+                            schema=Path(args.schema), run_config=merge_overrides(args.config),
+                            cert_days=args.cert_days)
+    (ca, server), _ = lifetime_report(fed.pki)
     print(f"Created federation '{fed.name}' in {fed.dir}")
-    print(f"  CA certificate   {fed.pki.ca_cert}  (sites get it in their invite)")
-    print(f"  server cert      valid for {', '.join(certificate_hosts(fed.pki.server_cert))}; sites dial {fed.address}")
+    print(f"  CA certificate   {fed.pki.ca_cert}  (sites get it in their invite); valid until {day(ca.not_after)} "
+          f"({CA_DAYS} days)")
+    print(f"  server cert      valid for {server.name}; sites dial {fed.address}; valid until "
+          f"{day(server.not_after)} ({args.cert_days} days; renew with `candor-server rotate-certs {fed.dir}`)")
     print(f"  schema           {fed.schema_path} (sha256 {fed.schema().sha256()[:12]})")
     print(f"  run config       {fed.run_config_path}")
     print(f"  control token    {fed.flwr_home / 'credentials.yaml'} (0600; opens the server to `flwr`: never send it)")
@@ -75,19 +79,34 @@ def cmd_sites(args: argparse.Namespace) -> int:
 
 def cmd_invite(args: argparse.Namespace) -> int:
     fed = Federation.load(Path(args.dir))
-    if args.site not in fed.sites:
-        raise FederationError(f"site '{args.site}' is not registered; add it first: "
-                              f"`candor-server add-site {fed.dir} {args.site} node.pub`")
-    invite = Invite(federation=fed.name, site=args.site, server=args.server or fed.address,
-                    min_rows=RunConfig.from_run_config(fed.run_config_defaults()).min_rows,
-                    schema=fed.schema(), ca_certificate=fed.pki.ca_cert.read_text())
-    out = Path(args.output) if args.output else fed.invites_dir / f"{args.site}.toml"
-    invite.write(out)
+    out = Path(args.output) if args.output else None
+    invite, out = write_invite(fed, args.site, server=args.server, output=out)
+    cas = invite.ca_certificate.count("BEGIN CERTIFICATE")
     print(f"Wrote {out}\n  server {invite.server}, schema sha256 {invite.schema.sha256()[:12]}, "
-          "CA certificate (public). Nothing secret: send it by any channel,\n  and confirm the schema "
+          + ("CA certificate" if cas == 1 else f"{cas} CA certificates (a CA rotation is under way: old and new)")
+          + " (public). Nothing secret: send it by any channel,\n  and confirm the schema "
           "fingerprint with the site by another one.")
     print(f"The site runs: candor-client start SITE_DIR --invite {out.name} --data ITS_DATA.csv")
     return 0
+
+
+def write_invite(fed: Federation, site: str, *, server: str | None = None,
+                 output: Path | None = None) -> tuple[Invite, Path]:
+    """Write site ``site``'s invite (default ``DIR/invites/SITE.toml``) with the CA
+    certificate(s) of ``pki/ca.crt``; returns it and where it went.
+
+    Raises:
+        FederationError: the site is not registered.
+    """
+    if site not in fed.sites:
+        raise FederationError(f"site '{site}' is not registered; add it first: "
+                              f"`candor-server add-site {fed.dir} {site} node.pub`")
+    invite = Invite(federation=fed.name, site=site, server=server or fed.address,
+                    min_rows=RunConfig.from_run_config(fed.run_config_defaults()).min_rows,
+                    schema=fed.schema(), ca_certificate=fed.pki.ca_cert.read_text())
+    out = output or fed.invites_dir / f"{site}.toml"
+    invite.write(out)
+    return invite, out
 
 
 def register(subparsers) -> None:
@@ -99,6 +118,9 @@ def register(subparsers) -> None:
                         "127.0.0.1 is always included; the first is written into invites)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the server's port (default {DEFAULT_PORT})")
     p.add_argument("--schema", required=True, help="the federation's schema file (.toml/.json)")
+    p.add_argument("--cert-days", type=int, default=SERVER_DAYS, metavar="N",
+                   help=f"the server certificate's lifetime in days (default {SERVER_DAYS}, at most "
+                        f"{MAX_SERVER_DAYS}; the CA's is {CA_DAYS}); renew it with `candor-server rotate-certs`")
     add_config_option(p, help="a run-config default for this federation (repeatable)")
 
     add_command(subparsers, "add-site", cmd_add_site, help="allow an institution to join, by its public key",
