@@ -32,6 +32,7 @@ __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 COMMAND_MODULES = (
     "candor.server.federation_cmds",  # init, add-site, remove-site, sites, invite
     "candor.server.superlink_cmds",   # start, stop, status
+    "candor.server.rotate_cmds",      # rotate-certs
     "candor.server.run_cmds",         # run
     "candor.server.trust_cmds",       # audit verify, publish
 )

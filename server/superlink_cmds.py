@@ -2,12 +2,15 @@
 
 ``start`` runs the SuperLink with TLS, node authentication and its control plane closed
 to all but the coordinator (:mod:`server.superlink`) and makes its registered nodes equal
-the registry; ``status`` shows the server, every site's connection and the runs.
+the registry; ``status`` shows the server, its certificates' lifetimes (with a line for
+each one that has expired or expires soon, and the command that renews it), every
+site's connection and the runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -18,13 +21,45 @@ from candor.common.processes import flwr_json
 
 from . import superlink
 from .federation import CONNECTION, Federation
+from .pki import day, lifetime_report, presented_certificate
 
-__all__ = ["flwr_hint", "register"]
+__all__ = ["certificate_lines", "flwr_hint", "register", "restart_hint"]
 
 
 def flwr_hint(fed: Federation) -> str:
     """The `flwr` command line that works against this federation's SuperLink."""
     return f"FLWR_HOME={fed.flwr_home} flwr ls {CONNECTION}"
+
+
+def restart_hint(fed: Federation, state: superlink.Running) -> str:
+    """The commands that restart the running server where it listens now."""
+    options = (f" --host {state.host}" if state.host != "127.0.0.1" else "") + (
+        f" --port {state.port}" if state.port != fed.port else "")
+    return f"candor-server stop {fed.dir} && candor-server start {fed.dir}{options}"
+
+
+def certificate_lines(fed: Federation, state: superlink.Running | None) -> list[str]:
+    """``status``'s certificate section: each certificate's lifetime, then one line per
+    certificate that has expired or expires soon, and whether the running server still
+    presents an older certificate than ``pki/server.crt``."""
+    try:
+        lifetimes, findings = lifetime_report(fed.pki)
+    except CandorError as err:
+        return [f"Certificates: cannot read them ({err})"]
+    now = dt.datetime.now(dt.timezone.utc)
+    lines = [f"Certificates ({fed.pki.dir}):"]
+    for life in lifetimes:
+        left = life.days_left(now)
+        lines.append(f"  {life.role:<7} {life.name:<40} valid {day(life.not_before)} to {day(life.not_after)} "
+                     + (f"({left} days left)" if life.not_after > now else "(EXPIRED)"))
+    if state is not None:
+        host = state.local_address.rpartition(":")[0].strip("[]")
+        served = presented_certificate(host, state.port)
+        if served is not None and served != fed.pki.server_certificate():
+            findings.append(f"NOTE: the running server still presents its previous certificate (valid until "
+                            f"{day(served.not_valid_after_utc)}); restart it to use {fed.pki.server_cert}: "
+                            f"{restart_hint(fed, state)}")
+    return lines + findings
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -66,6 +101,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"SuperLink: running, pid {state.pid}, https://{state.host}:{state.port}, up {superlink.uptime(state)}; "
               + (f"SuperExec pid {', '.join(map(str, helpers))}" if helpers else
                  "SuperExec NOT running (no run can start; `candor-server stop` and `start` again)"))
+    for line in certificate_lines(fed, state):
+        print(line)
     statuses = superlink.online(fed) if state else {}
     print(f"Sites ({len(fed.sites)} registered):")
     for name, e in sorted(fed.sites.items()):
