@@ -16,6 +16,12 @@ second one. The file is TOML::
     schema-sha256 = "..."        # Schema.sha256() of `schema`: a check against alteration
     ca-certificate = "-----BEGIN CERTIFICATE-----..."   # the federation's CA (PEM)
     schema = "..."               # the federation's schema, as TOML text
+
+During a CA rotation (``candor-server rotate-certs --new-ca``) ``ca-certificate`` holds
+two CA certificates, old then new (a PEM bundle, as OpenSSL reads one): a site that
+imported it accepts the server before and after the switch to the new CA. The format
+and its version do not change: the entry was always PEM text, and every TLS stack
+Candor and Flower use reads a bundle from it.
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ class Invite:
         server: ``HOST:PORT`` the site dials.
         min_rows: fewest usable rows a site may train on (run config ``min-rows``).
         schema: the federation's data contract.
-        ca_certificate: the federation's CA certificate, PEM text (public).
+        ca_certificate: the federation's CA certificate, PEM text (public); during a CA
+            rotation, two (old and new), one after the other.
     """
 
     federation: str
@@ -64,6 +71,10 @@ class Invite:
             raise TypeError(f"Invite.schema must be a Schema; got {type(self.schema).__name__}")
         if not isinstance(self.min_rows, int) or isinstance(self.min_rows, bool):
             raise TypeError(f"Invite.min_rows must be an int; got {self.min_rows!r}")
+
+    def ca_certificates(self) -> list[x509.Certificate]:
+        """The CA certificate(s) of ``ca_certificate`` (two during a CA rotation)."""
+        return x509.load_pem_x509_certificates(self.ca_certificate.encode())
 
     def write(self, path: Path) -> None:
         """Write the invite atomically to ``path`` (parent folders are created)."""
@@ -104,14 +115,40 @@ class Invite:
         if version != INVITE_VERSION:
             raise SiteError(f"{path} is a version-{version} invite; this candor-client reads version "
                             f"{INVITE_VERSION}: ask the coordinator for an invite written by the same Candor version")
-        if "BEGIN CERTIFICATE" not in ca_pem:
-            raise SiteError(f"{path}: the 'ca-certificate' entry is not a PEM certificate; {_ASK}")
-        try:
-            x509.load_pem_x509_certificate(ca_pem.encode())
-        except ValueError as err:
-            raise SiteError(f"{path}: the 'ca-certificate' entry is not a PEM certificate ({err}); {_ASK}") from None
+        _check_ca_pem(ca_pem, path)
         schema = Schema.from_dict(schema_doc, source=f"{path} (schema)")
         if doc.get("schema-sha256") and schema.sha256() != doc["schema-sha256"]:
             raise SiteError(f"{path}: the schema does not match its own fingerprint; the file was altered: {_ASK}")
         return cls(federation=str(doc.get("federation", "")), site=str(doc.get("site", "")), server=server,
                    min_rows=min_rows, schema=schema, ca_certificate=ca_pem)
+
+
+def _check_ca_pem(ca_pem: str, path: Path) -> None:
+    """Refuse a ``ca-certificate`` entry that is not one or more complete PEM CA certificates.
+
+    Raises:
+        SiteError: no certificate, a damaged or truncated one, a private key, or a
+            certificate that is not a CA's.
+    """
+    if "PRIVATE KEY" in ca_pem:
+        raise SiteError(f"{path}: the 'ca-certificate' entry holds a private key, which must never leave the "
+                        f"coordinator; do not use this file, and {_ASK}")
+    blocks = ca_pem.count("-----BEGIN CERTIFICATE-----")
+    if not blocks:
+        raise SiteError(f"{path}: the 'ca-certificate' entry is not a PEM certificate; {_ASK}")
+    try:
+        certs = x509.load_pem_x509_certificates(ca_pem.encode())
+    except ValueError as err:
+        raise SiteError(f"{path}: the 'ca-certificate' entry is not a PEM certificate ({err}); {_ASK}") from None
+    if len(certs) != blocks:
+        raise SiteError(f"{path}: the 'ca-certificate' entry has {blocks} certificate blocks but only {len(certs)} "
+                        f"complete one(s) (the file was cut or altered); {_ASK}")
+    for number, cert in enumerate(certs, 1):
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            which = "" if blocks == 1 else f" (certificate {number} of {blocks})"
+            raise SiteError(f"{path}: the 'ca-certificate' entry{which} is not a CA certificate "
+                            f"({cert.subject.rfc4514_string()}); {_ASK}")
