@@ -34,11 +34,11 @@ from candor.common.processes import flwr_json
 from . import superlink
 from .federation import CONNECTION, Federation
 from .federation_cmds import write_invite
-from .superlink_cmds import restart_hint
 from .pki import (
     DEFAULT_OVERLAP_DAYS, MAX_SERVER_DAYS, SERVER_DAYS, Issued, begin_ca_rotation, check_days, day,
     finish_ca_rotation, issue_server_certificate, subject_alt_names,
 )
+from .superlink_cmds import restart_hint
 
 __all__ = ["register", "runs_in_progress"]
 
@@ -78,12 +78,12 @@ def _san_strings(hosts: list[str]) -> set[str]:
     return {str(name.value) for name in subject_alt_names(hosts)}
 
 
-def _issued_line(issued: Issued, what: str) -> str:
-    line = (f"{what}: valid for {', '.join(issued.hosts)} until {day(issued.not_after)} ({issued.days} days)")
-    if issued.capped:
-        line += (f", cut short to the CA's own end on {day(issued.not_after)}: start a CA rotation "
-                 "(`candor-server rotate-certs DIR --new-ca`)")
-    return line
+def _issued_line(fed: Federation, issued: Issued, what: str) -> str:
+    line = f"{what}: valid for {', '.join(issued.hosts)} until {day(issued.not_after)} "
+    if not issued.capped:
+        return line + f"({issued.days} days)"
+    return line + (f"(not {issued.days} days: a certificate cannot outlive its CA, which ends then; start a CA "
+                   f"rotation: `candor-server rotate-certs {fed.dir} --new-ca`)")
 
 
 def _restart(fed: Federation, state: superlink.Running | None, *, allowed: bool, idle: bool = False) -> None:
@@ -167,7 +167,7 @@ def cmd_rotate_certs(args: argparse.Namespace) -> int:
         if hosts != fed.hosts:
             fed.set_hosts(hosts)
         written = _rewrite_invites(fed, sans)
-        print(_issued_line(issued, "Switched to the new CA: a server certificate signed by it")
+        print(_issued_line(fed, issued, "Switched to the new CA: a server certificate signed by it")
               + f"; the old CA is dropped ({pki.ca_cert} holds only the new one; the old CA's key is deleted).")
         print(f"Rewrote {len(written)} invite(s) in {fed.invites_dir} (the new CA only). Sites that imported the "
               "two-CA invite keep connecting; any other must import its new invite.")
@@ -179,7 +179,7 @@ def cmd_rotate_certs(args: argparse.Namespace) -> int:
     issued = issue_server_certificate(pki, federation=fed.name, hosts=hosts, days=days)
     if hosts != fed.hosts:
         fed.set_hosts(hosts)
-    print(_issued_line(issued, "New server certificate from the same CA")
+    print(_issued_line(fed, issued, "New server certificate from the same CA")
           + f"; {pki.server_cert} and {pki.server_key} (0600) replaced.")
     if stale := _rewrite_invites(fed, sans, only_uncovered=True):
         print(f"Rewrote {', '.join(p.name for p in stale)} in {fed.invites_dir}: the address they named is not in the "

@@ -337,6 +337,22 @@ def test_rotate_certs_with_other_hosts_and_days_rewrites_only_the_invites_it_no_
     assert x509.load_pem_x509_certificate((fed / "pki" / "server.crt").read_bytes()) == cert  # nothing changed
 
 
+def test_a_server_certificate_never_outlives_its_ca(tmp_path):
+    fed = init(tmp_path)
+    now = _now()
+    ca_key, ca_cert = make_ca("Candor CA for f", federation="f", not_before=now - 3000 * DAY,
+                              not_after=now + 100 * DAY)
+    (fed / "pki" / "ca.key").write_bytes(key_pem(ca_key))
+    (fed / "pki" / "ca.crt").write_bytes(pem(ca_cert))
+    code, out, err = server("rotate-certs", fed)
+    assert code == 0, err
+    cert = x509.load_pem_x509_certificate((fed / "pki" / "server.crt").read_bytes())
+    cert.verify_directly_issued_by(ca_cert)
+    assert cert.not_valid_after_utc == ca_cert.not_valid_after_utc
+    assert (f"until {ca_cert.not_valid_after_utc:%Y-%m-%d} (not 365 days: a certificate cannot outlive its CA, "
+            f"which ends then; start a CA rotation: `candor-server rotate-certs {fed} --new-ca`)") in out
+
+
 def test_an_interrupted_rotation_is_named_and_running_it_again_repairs_it(tmp_path):
     fed = init(tmp_path)
     pki = Federation.load(fed).pki
