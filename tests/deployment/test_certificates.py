@@ -337,6 +337,31 @@ def test_rotate_certs_with_other_hosts_and_days_rewrites_only_the_invites_it_no_
     assert x509.load_pem_x509_certificate((fed / "pki" / "server.crt").read_bytes()) == cert  # nothing changed
 
 
+def test_status_says_when_the_running_server_still_presents_its_previous_certificate(tmp_path):
+    import time
+
+    from candor.server.superlink import Running
+    from candor.server.superlink_cmds import certificate_lines
+
+    fed = init(tmp_path)
+    old_key = serialization.load_pem_private_key((fed / "pki" / "server.key").read_bytes(), None)
+    old_cert = x509.load_pem_x509_certificate((fed / "pki" / "server.crt").read_bytes())
+    code, out, err = server("rotate-certs", fed, "--no-restart")
+    assert code == 0, err
+    federation = Federation.load(fed)
+    with tls_server(old_key, old_cert, tmp_path) as address:  # stands for the server started before the rotation
+        port = int(address.rpartition(":")[2])
+        lines = certificate_lines(federation, Running(1, "127.0.0.1", port, time.time()))
+    assert lines[-1] == (f"NOTE: the running server still presents its previous certificate (valid until "
+                         f"{old_cert.not_valid_after_utc:%Y-%m-%d}); restart it to use {fed / 'pki' / 'server.crt'}: "
+                         f"candor-server stop {fed} && candor-server start {fed} --port {port}")
+    new_key = serialization.load_pem_private_key((fed / "pki" / "server.key").read_bytes(), None)
+    new_cert = x509.load_pem_x509_certificate((fed / "pki" / "server.crt").read_bytes())
+    with tls_server(new_key, new_cert, tmp_path) as address:
+        lines = certificate_lines(federation, Running(1, "127.0.0.1", int(address.rpartition(":")[2]), time.time()))
+    assert not any(l.startswith("NOTE") for l in lines), lines
+
+
 def test_a_server_certificate_never_outlives_its_ca(tmp_path):
     fed = init(tmp_path)
     now = _now()
