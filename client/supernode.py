@@ -212,8 +212,9 @@ def _supervise(supernode_cmd: list[str], superexec_cmd: list[str], env: dict[str
                                f"registered it yet (`candor-server add-site DIR {name} node.pub`) or has removed "
                                "this site")
                 elif "CERTIFICATE_VERIFY_FAILED" in line:
-                    failure = (f"the server's certificate was not signed by the federation's CA ({site.ca_cert}): "
-                               "ask the coordinator for a fresh invite")
+                    failure = (f"the server's certificate did not verify against the federation's CA ({site.ca_cert}): "
+                               "it expired, or the coordinator changed the CA; run `candor-client start` again for "
+                               "the exact reason, and ask the coordinator for a renewed certificate or the new invite")
                 elif "address already in use" in line.lower():
                     failure = ("a local port of this site's SuperNode is already in use (another site or program on "
                                "this machine holds it): pass another --runtime-port, or leave it out to get a free one")

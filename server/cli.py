@@ -8,6 +8,7 @@
     candor-server start DIR [--host H] [--port P]
     candor-server stop DIR
     candor-server status DIR
+    candor-server rotate-certs DIR [--host H ...] [--cert-days N] [--new-ca [--overlap-days D] | --switch] [--no-restart]
     candor-server run DIR [-c key=value ...] [--wait-sites SECONDS]
     candor-server audit verify RUN_DIR
     candor-server publish RUN_DIR OUT_DIR
