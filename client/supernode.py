@@ -218,8 +218,10 @@ def _supervise(supernode_cmd: list[str], superexec_cmd: list[str], env: dict[str
                 elif "address already in use" in line.lower():
                     failure = ("a local port of this site's SuperNode is already in use (another site or program on "
                                "this machine holds it): pass another --runtime-port, or leave it out to get a free one")
-                elif failure is not None and not verbose:
-                    continue  # Flower's own report of the failure just explained ("Exit Code: 305", ...)
+                elif (failure is not None or "Exit Code:" in line) and not verbose:
+                    # Flower's own report of a failure ("Exit Code: 305" comes before its explanation): the
+                    # failure is explained in one line below, or quoted from the log when it is not a known one
+                    continue
                 elif ("Receiving:" in line or "refuses" in line or "ERROR" in line
                       or "an app this site approved" in line or verbose):
                     print(_short(line), flush=True)
