@@ -210,7 +210,8 @@ def _supervise(supernode_cmd: list[str], superexec_cmd: list[str], env: dict[str
                 elif "Failed to activate SuperNode" in line or "code: 2004" in line:
                     failure = (f"the server refused this site's key ({site.public_key}): the coordinator has not "
                                f"registered it yet (`candor-server add-site DIR {name} node.pub`) or has removed "
-                               "this site")
+                               "this site; or, if this site was stopped less than a minute ago, the server still "
+                               "counts it as connected (Flower's 60 s heartbeat): start it again in a minute")
                 elif "CERTIFICATE_VERIFY_FAILED" in line:
                     failure = (f"the server's certificate did not verify against the federation's CA ({site.ca_cert}): "
                                "it expired, or the coordinator changed the CA; run `candor-client start` again for "
