@@ -23,6 +23,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from candor.common.certificates import day, parse_pem_certificates
 from candor.common.errors import ConfigError, ConnectionFailed, KeyFileError
 
 __all__ = ["CONNECT_TIMEOUT", "check_server", "split_address"]
@@ -58,15 +59,11 @@ def _unreadable(ca_cert: Path, reason: object) -> KeyFileError:
 def _trusted(ca_cert: Path) -> list[x509.Certificate]:
     """The CA certificate(s) of the site's CA file (a bundle during a CA rotation)."""
     try:
-        data = ca_cert.read_bytes()
-        certs = x509.load_pem_x509_certificates(data)
+        return parse_pem_certificates(ca_cert.read_bytes())
     except OSError as err:
         raise _unreadable(ca_cert, err.strerror or err) from None
     except ValueError as err:
         raise _unreadable(ca_cert, err) from None
-    if len(certs) != data.count(b"-----BEGIN CERTIFICATE-----"):
-        raise _unreadable(ca_cert, "a certificate of the file is incomplete")
-    return certs
 
 
 def _tls_context(ca_cert: Path) -> ssl.SSLContext:
@@ -102,10 +99,6 @@ def _federation(name: x509.Name) -> str | None:
     return match.group(1) if match else None
 
 
-def _day(moment: dt.datetime) -> str:
-    return moment.strftime("%Y-%m-%d")
-
-
 def _verify_failure(err: ssl.SSLCertVerificationError, *, address: str, host: str, port: int, ca_cert: Path,
                     timeout: float) -> ConnectionFailed:
     """One line for a certificate the site refused: what is wrong and what to do."""
@@ -120,13 +113,13 @@ def _verify_failure(err: ssl.SSLCertVerificationError, *, address: str, host: st
     if code == X509_V_ERR_CERT_HAS_EXPIRED:
         if presented is not None and presented.not_valid_after_utc <= now:
             return ConnectionFailed(f"the server's certificate at {address} expired on "
-                                    f"{_day(presented.not_valid_after_utc)}: ask the coordinator to renew it "
+                                    f"{day(presented.not_valid_after_utc)}: ask the coordinator to renew it "
                                     "(`candor-server rotate-certs FED_DIR` and a restart of the server); this site "
                                     "needs nothing new, start it again afterwards")
         expired = [c for c in trusted if c.not_valid_after_utc <= now]
         if expired:
             return ConnectionFailed(f"the federation's CA certificate in {ca_cert} expired on "
-                                    f"{_day(expired[0].not_valid_after_utc)}: ask the coordinator for the new invite "
+                                    f"{day(expired[0].not_valid_after_utc)}: ask the coordinator for the new invite "
                                     f"(a new CA: `candor-server rotate-certs FED_DIR --new-ca`) and import it: "
                                     f"{_NEW_INVITE}")
         return ConnectionFailed(f"a certificate of the server at {address} has expired ({reason}): ask the "

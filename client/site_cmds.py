@@ -12,9 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
+from candor.common.certificates import common_name
 from candor.common.commands import add_command
 from candor.common.errors import SiteError
 from candor.common.invite import Invite
@@ -39,18 +38,13 @@ def import_invite(site: SiteDir, path: Path) -> dict:
     print(f"Joined federation '{config['federation']}' (server {config['server']}); schema sha256 "
           f"{config['schema-sha256'][:12]}: confirm this fingerprint with the coordinator.")
     cas = invite.ca_certificates()
-    trusted = ", ".join(f"'{_common_name(c)}' (until {c.not_valid_after_utc:%Y-%m-%d})" for c in cas)
+    trusted = ", ".join(f"'{common_name(c)}' (until {c.not_valid_after_utc:%Y-%m-%d})" for c in cas)
     if len(cas) > 1:
         print(f"This site trusts {len(cas)} CA certificates, {trusted}: the coordinator is replacing the federation's "
               "CA, and the server is accepted before and after its switch to the new one.")
     elif before is not None and before != invite.ca_certificate:
         print(f"The federation's CA changed: this site now trusts only {trusted}. Its ledger and key are unchanged.")
     return config
-
-
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else cert.subject.rfc4514_string()
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ import tomli_w
 from cryptography import x509
 
 from .atomic import write_atomic
+from .certificates import parse_pem_certificates
 from .errors import SiteError
 from .schema import Schema
 
@@ -74,7 +75,7 @@ class Invite:
 
     def ca_certificates(self) -> list[x509.Certificate]:
         """The CA certificate(s) of ``ca_certificate`` (two during a CA rotation)."""
-        return x509.load_pem_x509_certificates(self.ca_certificate.encode())
+        return parse_pem_certificates(self.ca_certificate.encode())
 
     def write(self, path: Path) -> None:
         """Write the invite atomically to ``path`` (parent folders are created)."""
@@ -133,16 +134,11 @@ def _check_ca_pem(ca_pem: str, path: Path) -> None:
     if "PRIVATE KEY" in ca_pem:
         raise SiteError(f"{path}: the 'ca-certificate' entry holds a private key, which must never leave the "
                         f"coordinator; do not use this file, and {_ASK}")
-    blocks = ca_pem.count("-----BEGIN CERTIFICATE-----")
-    if not blocks:
-        raise SiteError(f"{path}: the 'ca-certificate' entry is not a PEM certificate; {_ASK}")
     try:
-        certs = x509.load_pem_x509_certificates(ca_pem.encode())
+        certs = parse_pem_certificates(ca_pem.encode())
     except ValueError as err:
         raise SiteError(f"{path}: the 'ca-certificate' entry is not a PEM certificate ({err}); {_ASK}") from None
-    if len(certs) != blocks:
-        raise SiteError(f"{path}: the 'ca-certificate' entry has {blocks} certificate blocks but only {len(certs)} "
-                        f"complete one(s) (the file was cut or altered); {_ASK}")
+    blocks = len(certs)
     for number, cert in enumerate(certs, 1):
         try:
             is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from candor.common.certificates import day
 from candor.common.commands import add_command, add_config_option
 from candor.common.config import RunConfig, merge_overrides
 from candor.common.errors import FederationError
@@ -18,7 +19,7 @@ from candor.common.invite import Invite
 
 from . import superlink
 from .federation import DEFAULT_PORT, Federation
-from .pki import CA_DAYS, MAX_SERVER_DAYS, SERVER_DAYS, day, lifetime_report
+from .pki import CA_DAYS, MAX_SERVER_DAYS, SERVER_DAYS, lifetime_report
 
 __all__ = ["register", "write_invite"]
 

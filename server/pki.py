@@ -63,11 +63,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from candor.common.atomic import write_atomic
+from candor.common.certificates import common_name, day, parse_pem_certificates
 from candor.common.errors import ConfigError, FederationError, KeyFileError
 
 __all__ = ["CA_DAYS", "CA_WARN_DAYS", "DEFAULT_OVERLAP_DAYS", "MAX_SERVER_DAYS", "SERVER_DAYS", "SERVER_WARN_DAYS",
            "CaRotation", "Issued", "Lifetime", "ServerPKI", "begin_ca_rotation", "certificate_hosts", "check_days",
-           "create_pki", "day", "finish_ca_rotation", "issue_server_certificate", "lifetime_report",
+           "create_pki", "finish_ca_rotation", "issue_server_certificate", "lifetime_report",
            "load_certificates", "presented_certificate", "subject_alt_names"]
 
 CA_DAYS = 3650  # 10 years: the CA is what every site trusts; replacing it needs a new invite at each site
@@ -83,11 +84,6 @@ _ROTATION_FILE = "rotation.toml"
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def day(moment: dt.datetime) -> str:
-    """A certificate date as the reports print it: ``YYYY-MM-DD`` (UTC)."""
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d")
 
 
 @dataclass(frozen=True)
@@ -200,10 +196,7 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
         KeyFileError: the file is unreadable or holds no PEM certificate.
     """
     try:
-        data = path.read_bytes()
-        certs = x509.load_pem_x509_certificates(data)
-        if len(certs) != data.count(b"-----BEGIN CERTIFICATE-----"):
-            raise ValueError("a certificate block is incomplete")
+        certs = parse_pem_certificates(path.read_bytes())
     except (OSError, ValueError) as err:
         raise KeyFileError(f"{path} is not a readable PEM certificate ({err}); the federation's PKI is damaged: "
                            "restore pki/ from a backup, or re-create the federation with `candor-server init`") from None
@@ -345,7 +338,7 @@ def _server_certificate(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certif
     if capped:
         end = ca_cert.not_valid_after_utc  # a certificate cannot outlive the CA that vouches for it
     if end <= now:
-        raise FederationError(f"the CA '{_common_name(ca_cert)}' expired on {day(end)}: it cannot issue a usable "
+        raise FederationError(f"the CA '{common_name(ca_cert)}' expired on {day(end)}: it cannot issue a usable "
                               "server certificate; start a new CA with `candor-server rotate-certs DIR --new-ca`")
     key = ec.generate_private_key(ec.SECP384R1())
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
@@ -494,11 +487,6 @@ def certificate_hosts(cert_path: Path) -> list[str]:
     return _hosts(load_certificates(cert_path)[0])
 
 
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else cert.subject.rfc4514_string()
-
-
 # --- lifetimes -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -539,7 +527,7 @@ def lifetime_report(pki: ServerPKI, *, now: dt.datetime | None = None) -> tuple[
     cas = pki.ca_certificates()
     issuer = _issuer_of(server, cas)
     lifetimes = [Lifetime("CA" if ca is issuer or (issuer is None and i == 0) else "new CA", pki.ca_cert,
-                          _common_name(ca), ca.not_valid_before_utc, ca.not_valid_after_utc) for i, ca in enumerate(cas)]
+                          common_name(ca), ca.not_valid_before_utc, ca.not_valid_after_utc) for i, ca in enumerate(cas)]
     lifetimes.append(Lifetime("server", pki.server_cert, ", ".join(_hosts(server)), server.not_valid_before_utc,
                               server.not_valid_after_utc))
     lines = []

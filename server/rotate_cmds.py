@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from candor.common.certificates import day
 from candor.common.commands import add_command
 from candor.common.errors import CandorError, ConfigError, FederationError
 from candor.common.invite import Invite
@@ -35,7 +36,7 @@ from . import superlink
 from .federation import CONNECTION, Federation
 from .federation_cmds import write_invite
 from .pki import (
-    DEFAULT_OVERLAP_DAYS, MAX_SERVER_DAYS, SERVER_DAYS, Issued, begin_ca_rotation, check_days, day,
+    DEFAULT_OVERLAP_DAYS, MAX_SERVER_DAYS, SERVER_DAYS, Issued, begin_ca_rotation, check_days,
     finish_ca_rotation, issue_server_certificate, subject_alt_names,
 )
 from .superlink_cmds import restart_hint

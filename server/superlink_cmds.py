@@ -15,13 +15,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from candor.common.certificates import day
 from candor.common.commands import add_command
 from candor.common.errors import CandorError
 from candor.common.processes import flwr_json
 
 from . import superlink
 from .federation import CONNECTION, Federation
-from .pki import day, lifetime_report, presented_certificate
+from .pki import lifetime_report, presented_certificate
 
 __all__ = ["certificate_lines", "flwr_hint", "register", "restart_hint"]
 
