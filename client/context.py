@@ -16,8 +16,9 @@ from flwr.app import ConfigRecord, Context, Error, Message
 
 from candor.common.config import RunConfig
 from candor.common.data import SiteData, load_plugin_site, load_site, stable_seed
-from candor.common.errors import REFUSAL_CODE, SchemaError
+from candor.common.errors import CHARGED_CODE, REFUSAL_CODE, AlreadyCharged, SchemaError
 from candor.common.models import build_model
+from candor.common.names import run_id_of
 from candor.common.privacy import PRIVACY_UNIT
 from candor.common.schema import Schema
 
@@ -64,7 +65,7 @@ class SiteContext:
                                  num_outputs=self.schema.num_outputs, hidden=self.cfg.hidden_sizes)
         self.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         self.round = int(msg.content["config"]["server-round"])
-        self.run_id = str(msg.metadata.run_id)
+        self.run_id = run_id_of(msg)  # the Candor run id: the same across a resumed run's Flower runs
 
     def identity(self) -> ConfigRecord:
         """The ``candor`` ConfigRecord every reply carries: site, privacy unit, noise source."""
@@ -76,6 +77,8 @@ def identity(spec: SiteSpec) -> ConfigRecord:
 
 
 def refusal(msg: Message, err: Exception) -> Message:
-    """The site's refusal of ``msg``: logged here, and sent as an Error with the reason."""
+    """The site's refusal of ``msg``: logged here, and sent as an Error with the reason
+    (code :data:`REFUSED`, or ``CHARGED_CODE`` for a round the ledger already holds)."""
     logger.warning("%s", err)
-    return Message(Error(code=REFUSED, reason=str(err)), reply_to=msg)
+    code = CHARGED_CODE if isinstance(err, AlreadyCharged) else REFUSED
+    return Message(Error(code=code, reason=str(err)), reply_to=msg)

@@ -29,16 +29,18 @@ from __future__ import annotations
 import json
 import logging
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from candor.common.config import RunConfig
 from candor.common.encoding import Encoder
-from candor.common.errors import CandorError
+from candor.common.errors import AlreadyCharged, CandorError
+from candor.common.hashing import hash_arrays
 from candor.common.explain import attribute, release_importance, release_mechanism
 from candor.common.policy import RunPrivacy
 
 from .context import SiteContext, identity, refusal
 from .ledger import Ledger
+from .outbox import KeptReply, Outbox
 from .site import resolve_site
 from .spending import Spending
 
@@ -75,14 +77,41 @@ def _explain(site: SiteContext, msg: Message) -> Message:
                                    run_id=site.run_id)
         spending = Spending(Ledger(spec.ledger_path, site=spec.name), run=run, budget=spec.budget,
                             run_id=site.run_id, site=spec.name)
+        outbox = Outbox(spec.ledger_path)
+        received = hash_arrays(msg.content["arrays"])
         with spending.locked():
+            if any(m.round == site.round for m in spending.run_history):
+                return _repeat(site, msg, outbox.kept(site.run_id, "explain"), received)
             spending.check(record, what="the explanation release")
             release = release_importance(explanation, clip=cfg.explain_clip,
                                          noise_multiplier=cfg.explain_noise_multiplier)
-            eps_run = spending.charge(record)
-        extra.update({"release": "dp", "mechanism": json.dumps(record.to_dict()), "clip": cfg.explain_clip,
-                      "accountant": run.accountant, "delta": run.delta, "epsilon": eps_run})
+            extra.update({"release": "dp", "mechanism": json.dumps(record.to_dict()), "clip": cfg.explain_clip,
+                          "accountant": run.accountant, "delta": run.delta,
+                          "epsilon": run.accountant_for([*spending.run_history, record]).epsilon()})
+            content = _content(release, extra)
+            # kept before it is charged, charged before it is sent (client/outbox.py)
+            outbox.keep(KeptReply(run_id=site.run_id, kind="explain", round=site.round, received_sha256=received,
+                                  metrics=dict(content["metrics"]), config=dict(extra)))
+            spending.charge(record)
+        return Message(content=content, reply_to=msg)
+    return Message(content=_content(release, extra), reply_to=msg)
+
+
+def _content(release, extra) -> RecordDict:
     metrics = {"num-examples": release.num_examples}
     metrics.update({name: float(v) for name, v in zip(release.features, release.mean)})
-    content = RecordDict({"metrics": MetricRecord(metrics), "candor": extra})
-    return Message(content=content, reply_to=msg)
+    return RecordDict({"metrics": MetricRecord(metrics), "candor": extra})
+
+
+def _repeat(site: SiteContext, msg: Message, kept: KeptReply | None, received: str) -> Message:
+    """The explanation release of this run is already charged (a resumed run): the release
+    kept then, sent again at no new cost, if it answers this same request; else nothing."""
+    if kept is None or kept.round != site.round or kept.received_sha256 != received:
+        raise AlreadyCharged(
+            f"site '{site.spec.name}': the explanation release of run {site.run_id} is already in its ledger "
+            f"({site.spec.ledger_path}) and no matching release was kept; releasing it again would spend its "
+            "privacy twice, so this site sends nothing")
+    logger.info("site '%s': the explanation release of run %s was already charged; sending it again (no new "
+                "privacy spent)", site.spec.name, site.run_id)
+    return Message(content=RecordDict({"metrics": MetricRecord(kept.metrics), "candor": ConfigRecord(kept.config)}),
+                   reply_to=msg)

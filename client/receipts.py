@@ -2,8 +2,12 @@
 
 One JSON object per line, in a file beside the site's ledger (:func:`receipts_path`)::
 
-    {"site": "hospital-1", "run_id": "...", "round": 2, "kind": "train", "app_sha256": "...",
-     "received_model_sha256": "...", "sent_update_sha256": "...", "time": 1795914228.4}
+    {"site": "hospital-1", "run_id": "run-...", "flower_run_id": "...", "round": 2, "kind": "train",
+     "app_sha256": "...", "received_model_sha256": "...", "sent_update_sha256": "...", "time": 1795914228.4}
+
+``run_id`` is the Candor run id (:data:`common.names.RUN_ID_KEY`, one across a resumed
+run), ``flower_run_id`` the Flower run that carried the message. A repeated request for
+an already-charged round (a resumed run) gets a second receipt, ``"resent": true``.
 
 ``kind`` is ``"train"`` (the update sent: ``sent_update_sha256``) or ``"evaluate"`` (no
 update). Model hashes are :func:`common.hashing.hash_arrays`, the function the
@@ -29,6 +33,7 @@ from candor.common.app_hash import running_app_sha256
 from candor.common.atomic import write_atomic
 from candor.common.errors import SiteError
 from candor.common.hashing import hash_arrays
+from candor.common.names import run_id_of
 
 from .site import SiteSpec
 
@@ -83,11 +88,15 @@ def append_receipt(path: str | Path, entry: dict[str, Any]) -> None:
                           "on the site directory") from None
 
 
-def record_receipt(spec: SiteSpec, msg: Message, *, kind: str, sent: ArrayRecord | None = None) -> None:
-    """Append the receipt of handling ``msg`` (and of sending ``sent``) to the site's file."""
-    entry = {"site": spec.name, "run_id": str(msg.metadata.run_id), "round": int(msg.content["config"]["server-round"]),
-             "kind": kind, "app_sha256": running_app_sha256(),
+def record_receipt(spec: SiteSpec, msg: Message, *, kind: str, sent: ArrayRecord | None = None,
+                   resent: bool = False) -> None:
+    """Append the receipt of handling ``msg`` (and of sending ``sent``; ``resent``: the
+    update kept from an earlier request for the same round) to the site's file."""
+    entry = {"site": spec.name, "run_id": run_id_of(msg), "flower_run_id": str(msg.metadata.run_id),
+             "round": int(msg.content["config"]["server-round"]), "kind": kind, "app_sha256": running_app_sha256(),
              "received_model_sha256": hash_arrays(msg.content["arrays"]), "time": time.time()}
     if sent is not None:
         entry["sent_update_sha256"] = hash_arrays(sent)
+    if resent:
+        entry["resent"] = True
     append_receipt(receipts_path(spec.ledger_path), entry)

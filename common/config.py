@@ -70,6 +70,7 @@ class RunConfig:
     trimmed_beta: float = 0.2  # fedtrimmedavg: fraction cut at EACH end of every coordinate, in [0, 0.5)
     krum_byzantine: int = 0  # krum: f, faulty sites tolerated (Krum needs min-sites >= 2f + 3)
     audit_key: str = ""  # coordinator's Ed25519 audit key (PEM path); "" = ephemeral key for this run (docs/trust.md)
+    resume: bool = False  # continue the interrupted run in out-dir from its checkpoint (docs/outputs.md, Resuming)
 
     def __post_init__(self) -> None:
         _positive_int(self, "num_server_rounds")

@@ -87,6 +87,16 @@ class BudgetExceeded(CandorError):
 # The Flower Error code of a site's refusal (its budget, limits, schema, data): the site
 # refused before it trained or recorded anything.
 REFUSAL_CODE = 4001
+# The Flower Error code of a site that will not release a round again: its ledger already
+# holds the round for this run (it was spent), and the reply it kept for a repeat
+# (client/outbox.py) does not fit the request. Unlike a refusal, the round may have cost
+# privacy: the coordinator counts it as unconfirmed (privacy.json).
+CHARGED_CODE = 4002
+
+
+class AlreadyCharged(CandorError):
+    """A site's ledger already holds the requested round of this run; it is not trained
+    or released a second time (reply code :data:`CHARGED_CODE`)."""
 
 
 class RunRefused(CandorError):

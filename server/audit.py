@@ -2,7 +2,8 @@
 
 Format (hash chain, Ed25519 signatures, strict reader): :mod:`common.auditlog`. Entries:
 
-- ``start``: the run id, the resolved run config, the app's hash ``app_sha256``
+- ``start``: the Candor run id (``common.names.RUN_ID_KEY``, the same across a resumed
+  run) and the Flower run id, the resolved run config, the app's hash ``app_sha256``
   (:mod:`common.app_hash`, the definition every site checks the code it runs against;
   ``code_sha256`` holds the same value, under the name older logs and the model card
   use), the schema's sha256, the initial model's hash, and the signing key (fingerprint,
@@ -15,6 +16,11 @@ Format (hash chain, Ed25519 signatures, strict reader): :mod:`common.auditlog`. 
   updates (then only the aggregate's hash is known, the same ``hash_arrays`` value as
   ``secure_aggregation.json``'s ``aggregate_sha256``), and the resulting global model's
   hash;
+- ``resume``, where an interrupted run continued (``candor-server run --resume``): the
+  round it continues after, the global model it continues from (the checkpoint's), the
+  new Flower run id, and the entries after the checkpoint (``abandoned``: a round whose
+  entry was written before the coordinator died, but whose checkpoint was not; it is
+  run again, and both attempts stay on the record);
 - ``final``: the final model's hash, the sha256 of every file the run publishes (model,
   exports, model card) and each site's privacy (ε, δ, accountant, mechanism history,
   explanation release included).
@@ -26,7 +32,10 @@ strict. A log is a few kB per round; rewriting it costs nothing next to a round.
 
 Key (run-config ``audit-key``): the path of the coordinator's Ed25519 private key (PEM,
 PKCS#8, unencrypted, mode 0600; :func:`write_private_key` creates one), or ``""``: an
-ephemeral key generated for this run and never written anywhere. Its public key is
+ephemeral key generated for this run. So that an interrupted run can resume and go on
+signing the same log, the ephemeral key is kept in the run directory
+(``audit_key.resume.pem``, mode 0600) until the run's final entry, and then deleted: it
+is never published, and after the run no one holds it. Its public key is
 always written beside the log (``audit_public_key.pem``). An ephemeral key proves that
 the log was not changed after the run, to whoever trusts the public key they were given
 with it; a long-lived key whose fingerprint the coordinator publishes proves more.
@@ -55,13 +64,15 @@ from candor.common.schema import Schema
 
 from .outputs import site_of
 
-__all__ = ["AUDIT_LOG", "PUBLIC_KEY", "AuditLog", "describe_update", "load_private_key",
+__all__ = ["AUDIT_LOG", "PUBLIC_KEY", "RESUME_KEY", "AuditLog", "forget_resume_key", "keep_resume_key",
+           "resume_key", "describe_update", "load_private_key",
            "public_pem", "verify_run", "write_private_key"]
 
 logger = logging.getLogger(__name__)
 
 AUDIT_LOG = "audit.jsonl"
 PUBLIC_KEY = "audit_public_key.pem"
+RESUME_KEY = "audit_key.resume.pem"  # an ephemeral key, kept until the run's final entry
 _PRIVACY_METRICS = {"epsilon": "epsilon", "delta": "delta", "noise-multiplier": "noise_multiplier",
                     "sample-rate": "sample_rate", "steps": "steps"}
 
@@ -108,6 +119,32 @@ def write_private_key(path: str | Path) -> Ed25519PublicKey:
     return key.public_key()
 
 
+def keep_resume_key(run_dir: str | Path, key: Ed25519PrivateKey) -> None:
+    """Keep the run's ephemeral ``key`` in ``run_dir`` (mode 0600) until :func:`forget_resume_key`."""
+    write_atomic(Path(run_dir) / RESUME_KEY, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), mode=0o600)
+
+
+def forget_resume_key(run_dir: str | Path) -> None:
+    (Path(run_dir) / RESUME_KEY).unlink(missing_ok=True)
+
+
+def resume_key(run_dir: str | Path, audit_key: str) -> tuple[Ed25519PrivateKey, bool]:
+    """``(key, ephemeral)`` that signs the resumed run in ``run_dir``: the coordinator's
+    key file ``audit_key``, or the ephemeral key the run kept.
+
+    Raises:
+        ConfigError: the run had an ephemeral key and it is gone.
+    """
+    if audit_key:
+        return load_private_key(audit_key)
+    path = Path(run_dir) / RESUME_KEY
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; the run was signed with an ephemeral key kept there until the run "
+                          "ended, and without it the audit log cannot be continued. Start a new run")
+    return load_private_key(str(path))[0], True
+
+
 def public_pem(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -117,7 +154,7 @@ def public_pem(key: Ed25519PublicKey) -> bytes:
 class AuditLog:
     """The append-only signed log of one run, in ``run_dir``."""
 
-    def __init__(self, run_dir: str | Path, key: Ed25519PrivateKey, *, ephemeral: bool) -> None:
+    def __init__(self, run_dir: str | Path, key: Ed25519PrivateKey, *, ephemeral: bool, _resumed: bool = False) -> None:
         self.dir = Path(run_dir)
         self.path = self.dir / AUDIT_LOG
         self._key = key
@@ -125,9 +162,40 @@ class AuditLog:
         self.fingerprint = key_fingerprint(key.public_key())
         self.entries: list[dict[str, Any]] = []
         self._text = ""
+        if _resumed:
+            return
         if self.path.exists():
             logger.warning("%s: replacing the audit log of an earlier run in this directory", self.path)
         write_atomic(self.dir / PUBLIC_KEY, public_pem(key.public_key()))
+        if ephemeral:
+            keep_resume_key(self.dir, key)
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, key: Ed25519PrivateKey, *, ephemeral: bool, checkpoint_entries: int,
+               checkpoint_head: str, after_round: int, global_model_sha256: str, flower_run_id: str) -> AuditLog:
+        """The log of the interrupted run in ``run_dir``, verified with ``key``'s public key,
+        with a ``resume`` entry appended.
+
+        Raises:
+            AuditLogError: the log is not intact, is signed with another key, or does not
+                contain the checkpoint's entries.
+        """
+        log = cls(run_dir, key, ephemeral=ephemeral, _resumed=True)
+        entries = read_log(log.path, key.public_key())
+        if len(entries) < checkpoint_entries or (
+                entry_hash(entries[checkpoint_entries - 1]) if checkpoint_entries else GENESIS) != checkpoint_head:
+            raise AuditLogError(f"{log.path}: does not contain the {checkpoint_entries} entries the checkpoint was "
+                                "written after; the run cannot be continued on this log")
+        if entries[-1]["kind"] == "final":
+            raise ConfigError(f"{log.path}: the run finished (the log ends with its final entry); there is nothing "
+                              "to resume")
+        log.entries = entries
+        log._text = log.path.read_text(encoding="utf-8")
+        abandoned = [{"seq": e["seq"], "kind": e["kind"], "round": e["body"].get("round")}
+                     for e in entries[checkpoint_entries:]]
+        log.append("resume", {"after_round": after_round, "global_model_sha256": global_model_sha256,
+                              "flower_run_id": flower_run_id, "abandoned": abandoned})
+        return log
 
     @property
     def head(self) -> str:
@@ -144,7 +212,7 @@ class AuditLog:
         return entry
 
     def start(self, *, run_id: str, cfg: RunConfig, schema: Schema, initial: ArrayRecord,
-              app_sha256: str | None = None) -> None:
+              app_sha256: str | None = None, flower_run_id: str | None = None) -> None:
         """Append the ``start`` entry. ``app_sha256``: the app hash of the FAB the run was
         submitted with, if the caller knows it (``common.app_hash.submitted_app_sha256(
         grid.run)``); by default the Candor release installed here, whose
@@ -152,6 +220,7 @@ class AuditLog:
         app = app_sha256 or installed_release().sha256
         self.append("start", {
             "run_id": run_id,
+            "flower_run_id": flower_run_id,
             "run_config": cfg.to_run_config(),
             "app_sha256": app,
             "code_sha256": app,
@@ -232,7 +301,9 @@ def verify_run(run_dir: str | Path, *, public_key: str | Path | None = None) -> 
     if start["kind"] != "start":
         raise AuditLogError(f"{log}: entry 0 is '{start['kind']}', not 'start'")
     expected = start["body"]["initial_model_sha256"]
-    rounds, sites = 0, set()
+    after = {0: expected}  # round -> the global model after it, as recorded
+    completed: dict[int, set[str]] = {}
+    resumes = 0
     for e in entries[1:]:
         where = f"{log}: entry {e['seq']} ({e['kind']})"
         if e["kind"] == "round":
@@ -240,10 +311,22 @@ def verify_run(run_dir: str | Path, *, public_key: str | Path | None = None) -> 
                 raise AuditLogError(f"{where}: round {e['body']['round']} sent a model ({e['body']['sent_model_sha256'][:16]}) "
                                     f"that is not the previous global model ({expected[:16]})")
             expected = e["body"]["global_model_sha256"]
-            rounds += 1
-            sites.update(e["body"]["sites"])
+            after[e["body"]["round"]] = expected
+            completed[e["body"]["round"]] = set(e["body"]["sites"])
+        elif e["kind"] == "resume":
+            r = e["body"]["after_round"]
+            if after.get(r) != e["body"]["global_model_sha256"]:
+                raise AuditLogError(f"{where}: the run resumed after round {r} from a model "
+                                    f"({e['body']['global_model_sha256'][:16]}) that is not that round's global model "
+                                    f"in the log ({str(after.get(r))[:16]})")
+            expected = e["body"]["global_model_sha256"]
+            for abandoned in [n for n in completed if n > r]:
+                del completed[abandoned]  # run again after the resume
+            resumes += 1
         elif e["kind"] != "final" or e is not entries[-1]:
             raise AuditLogError(f"{where}: unexpected entry kind here")
+    rounds = len(completed)
+    sites = set().union(*completed.values()) if completed else set()
     final = entries[-1]
     where = f"{log}: entry {final['seq']} (final)"
     if final["kind"] != "final":
@@ -270,5 +353,5 @@ def verify_run(run_dir: str | Path, *, public_key: str | Path | None = None) -> 
     if hash_arrays(state) != expected:
         raise AuditLogError(f"{model}: its weights are not the global model recorded in {where}")
     return {"entries": len(entries), "rounds": rounds, "sites": sorted(sites), "run_id": start["body"]["run_id"],
-            "key_sha256": key_fingerprint(key), "ephemeral": start["body"]["audit_key"]["ephemeral"],
+            "key_sha256": key_fingerprint(key), "ephemeral": start["body"]["audit_key"]["ephemeral"], "resumes": resumes,
             "model_sha256": expected, "files": sorted(final["body"]["files"])}

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from candor.common.atomic import write_figure_atomic, write_json_atomic
 from candor.common.config import RunConfig
 from candor.common.errors import CandorError
+from candor.common.names import RUN_ID_KEY
 from candor.common.privacy import MechanismRecord, epsilon
 from candor.common.progress import PROGRESS
 
@@ -51,7 +52,7 @@ def explain_federated(grid: Grid, recorder: RunRecorder, arrays: ArrayRecord, cf
         return
     explain_round = cfg.num_server_rounds + 1
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({
-        "server-round": explain_round, "schema-sha256": recorder.schema.sha256()})})
+        "server-round": explain_round, "schema-sha256": recorder.schema.sha256(), RUN_ID_KEY: recorder.run_id})})
     nodes = list(grid.get_node_ids())
     logger.info("%s explaining the final model at %d sites", PROGRESS, len(nodes))
     messages = [Message(content=content, message_type="query.explain", dst_node_id=n) for n in nodes]

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from candor.common.atomic import json_safe, write_atomic, write_json_atomic
 from candor.common.config import RunConfig
-from candor.common.errors import REFUSAL_CODE
+from candor.common.errors import CHARGED_CODE, REFUSAL_CODE
 from candor.common.model_file import MODEL_FILE, ModelFile
 from candor.common.privacy import PRIVACY_UNIT, MechanismRecord, epsilon
 from candor.common.progress import PROGRESS
@@ -40,10 +40,12 @@ def site_of(msg: Message) -> str:
 
 
 class RunRecorder:
-    def __init__(self, out_dir: str | Path, *, cfg: RunConfig, schema: Schema, feature_names: list[str]) -> None:
+    def __init__(self, out_dir: str | Path, *, cfg: RunConfig, schema: Schema, feature_names: list[str],
+                 run_id: str = "") -> None:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
+        self.run_id = run_id  # the Candor run id (common.names.RUN_ID_KEY)
         self.schema = schema
         self.feature_names = feature_names
         self.rounds: dict[int, dict[str, Any]] = {}
@@ -52,7 +54,8 @@ class RunRecorder:
         self._answered: dict[int, set[int]] = {}  # round -> nodes that trained or refused (a known outcome)
         self._node_of: dict[str, int] = {}  # site -> its node id
         write_json_atomic(self.dir / "config.json", {
-            "run_config": cfg.to_run_config(),
+            "run_id": run_id,
+            "run_config": cfg.replace(resume=False).to_run_config(),
             "schema_sha256": schema.sha256(),
             "schema": schema.to_dict(),
         })
@@ -74,15 +77,17 @@ class RunRecorder:
             reason = msg.error.reason
             entry["refusals"].append({"node": node, "reason": reason})
             logger.warning("%s round %d: a site did not train: %s", PROGRESS, server_round, reason)
-            if msg.error.code == REFUSAL_CODE or "refuses" in reason:
+            if msg.error.code == REFUSAL_CODE or (msg.error.code != CHARGED_CODE and "refuses" in reason):
                 self._answered.setdefault(server_round, set()).add(node)  # refused before spending anything
-            return
+            return  # CHARGED_CODE: the site had spent the round earlier; it stays unconfirmed here
         self._answered.setdefault(server_round, set()).add(node)
         ident = msg.content.config_records.get("candor", {})
         site = site_of(msg)
         self._node_of[site] = node
         metrics = dict(next(iter(msg.content.metric_records.values())))
         entry["train"][site] = metrics
+        if ident.get("resent"):
+            entry.setdefault("resent", []).append(site)  # the update it kept from the abandoned attempt
         if "history" in ident:
             history = [MechanismRecord.from_dict(h) for h in json.loads(str(ident["history"]))]
             delta = float(metrics["delta"])
@@ -160,14 +165,19 @@ class RunRecorder:
         """Rounds ``site`` was asked to train whose outcome never arrived (no reply, or a
         failure other than a refusal) and that its reported history does not cover: it may
         have trained and charged its ledger before the reply was lost."""
-        node = self._node_of.get(site)
+        me = {site, self._node_of.get(site)}  # rounds before a resume name sites, later ones nodes
         covered = {h["round"] for h in p.get("history", [])}
         return sorted(r for r, asked in self._asked.items()
-                      if node in asked and node not in self._answered.get(r, set()) and r not in covered)
+                      if me & asked and not me & self._answered.get(r, set()) and r not in covered)
 
     def _site_privacy(self, site: str, p: dict[str, Any]) -> dict[str, Any]:
         unconfirmed = self._unconfirmed(site, p)
         training = [h for h in p.get("history", []) if h["round"] not in {r["round"] for r in p.get("releases", [])}]
+        lost = [h["round"] for h in training if site not in self.rounds.get(h["round"], {}).get("train", {})]
+        if lost:  # in the site's history (spent), but its update never reached the coordinator
+            p = {**p, "charged_without_update": lost,
+                 "charged_without_update_note": "rounds the site reports it trained and charged whose update the "
+                                                "coordinator never received (a lost reply); epsilon includes them"}
         if not unconfirmed or not training:
             return p
         last = training[-1]  # σ is fixed for the run; q and steps are the site's own
@@ -205,6 +215,23 @@ class RunRecorder:
             writer.writerow([r, "aggregate", sum(m.get("num_examples", 0) for m in e["sites"].values()),
                              a.get("loss"), a.get("accuracy"), a.get("auroc"), None, None])
         write_atomic(self.dir / "metrics.csv", out.getvalue())
+
+    # --- checkpoint state (server.checkpoint) ---------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything recorded so far, as JSON-safe data; node ids are replaced by the site
+        names they are known by (a resumed run's nodes have new ids)."""
+        name = {node: site for site, node in self._node_of.items()}
+        named = lambda nodes: sorted(str(name.get(n, n)) for n in nodes)  # noqa: E731
+        return {"rounds": {str(r): e for r, e in self.rounds.items()}, "privacy": self.privacy,
+                "asked": {str(r): named(v) for r, v in self._asked.items()},
+                "answered": {str(r): named(v) for r, v in self._answered.items()}}
+
+    def load_state_dict(self, state: dict[str, Any], *, through_round: int) -> None:
+        """Restore :meth:`state_dict`, keeping rounds up to ``through_round``."""
+        self.rounds = {int(r): e for r, e in state["rounds"].items() if int(r) <= through_round}
+        self.privacy = state["privacy"]
+        self._asked = {int(r): set(v) for r, v in state["asked"].items() if int(r) <= through_round}
+        self._answered = {int(r): set(v) for r, v in state["answered"].items() if int(r) <= through_round}
 
     def _progress(self, server_round: int) -> None:
         e = self.rounds.get(server_round, {})

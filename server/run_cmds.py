@@ -1,4 +1,5 @@
-"""``candor-server run DIR [-c KEY=VALUE ...]``: submit a training run and follow it to the end.
+"""``candor-server run DIR [-c KEY=VALUE ...] [--resume [RUN_DIR]]``: submit a training run
+and follow it to the end, or continue an interrupted one from its checkpoint.
 
 The run's configuration is the federation's run-config defaults with the ``-c``
 overrides on top (``common.config.merge_overrides``); ``min-sites`` defaults to every
@@ -15,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import tomli_w
@@ -27,6 +29,7 @@ from candor.common.processes import APP_DIR, ProcessTimeout, flower_bin, run_sta
 from candor.common.progress import ProgressPrinter, unconfirmed_text
 
 from . import superlink
+from .checkpoint import CHECKPOINT
 from .federation import CONNECTION, Federation
 
 __all__ = ["register"]
@@ -67,14 +70,35 @@ def _new_run_dir(fed: Federation) -> Path:
     return out
 
 
+def _resume_dir(fed: Federation, given: str | None) -> Path:
+    """The run directory to resume: ``given``, or the newest run of ``fed`` with a checkpoint."""
+    if given:
+        out = Path(given).resolve()
+        if not (out / CHECKPOINT).is_file():
+            raise ConfigError(f"{out}: no {CHECKPOINT}, so there is nothing to resume (the run finished, or stopped "
+                              "before its first round completed)")
+        return out
+    found = sorted((p.parent for p in fed.runs_dir.glob(f"*/{CHECKPOINT}")), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError(f"no run in {fed.runs_dir} has a checkpoint to resume from (finished runs have none)")
+    return found[-1]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     fed = Federation.load(Path(args.dir))
     state = superlink.running(fed)
     if state is None:
         raise FederationError(f"the SuperLink of {fed.dir} is not running; start it with `candor-server start {fed.dir}`")
-    out = _new_run_dir(fed)
-    overrides = merge_overrides(args.config, base={"min-sites": max(len(fed.sites), 1), **fed.run_config_defaults()},
-                                schema=str(fed.schema_path), out_dir=str(out))
+    if args.resume is not None:
+        if args.config:
+            raise ConfigError("--resume continues a run with the run config it started with; leave out -c")
+        out = _resume_dir(fed, args.resume or None)
+        config_file = out / "run_config.toml"
+        overrides = {**tomllib.loads(config_file.read_text()), "resume": True}
+    else:
+        out = _new_run_dir(fed)
+        overrides = merge_overrides(args.config, base={"min-sites": max(len(fed.sites), 1), **fed.run_config_defaults()},
+                                    schema=str(fed.schema_path), out_dir=str(out))
     cfg = RunConfig.from_run_config(overrides)
     if cfg.min_sites > len(fed.sites):
         raise ConfigError(f"the run needs {cfg.min_sites} sites (min-sites) but only {len(fed.sites)} are "
@@ -84,23 +108,33 @@ def cmd_run(args: argparse.Namespace) -> int:
                           f"other sites' shares); {len(fed.sites)} are registered. Add sites, or "
                           "-c secure-aggregation=false")
     _wait_for_sites(fed, cfg.min_sites, args.wait_sites)
-    out.mkdir(parents=True)
-    config_file = out / "run_config.toml"
-    write_atomic(config_file, tomli_w.dumps(overrides))
-    print(f"Submitting a run of {cfg.num_server_rounds} rounds to {len(fed.sites)} registered sites "
-          f"(at least {cfg.min_sites} per round); outputs in {out}", flush=True)
+    if cfg.resume:
+        config_file = out / "run_config.resume.toml"
+        write_atomic(config_file, tomli_w.dumps(overrides))
+        print(f"Resuming the run in {out} ({cfg.num_server_rounds} rounds in all; it continues after its last "
+              "complete round)", flush=True)
+    else:
+        out.mkdir(parents=True)
+        config_file = out / "run_config.toml"
+        write_atomic(config_file, tomli_w.dumps(overrides))
+        print(f"Submitting a run of {cfg.num_server_rounds} rounds to {len(fed.sites)} registered sites "
+              f"(at least {cfg.min_sites} per round); outputs in {out}", flush=True)
     started = time.time()
     run_id = _submit_and_stream(fed, config_file, out / "flower.log", verbose=args.verbose)
     if run_id is None:
         raise FederationError(f"the run was not submitted; see {out / 'flower.log'}")
     status = _final_status(fed, run_id)
     seconds = time.time() - started
+    earlier = json.loads((out / "run.json").read_text()).get("flower_run_ids", []) if (out / "run.json").is_file() else []
     write_json_atomic(out / "run.json", {"run_id": str(run_id), "status": status, "started": started,
-                                          "seconds": seconds, "federation": fed.name})
+                                          "seconds": seconds, "federation": fed.name,
+                                          "flower_run_ids": [*earlier, str(run_id)]})
     _summary(out, run_id, status, seconds)
     if status != "finished:completed":
+        resume = (f"; once the cause is fixed, continue it with `candor-server run {fed.dir} --resume {out}`"
+                  if (out / CHECKPOINT).is_file() else "")
         raise FederationError(f"run {run_id} ended as '{status}'; the server's log is in {out / 'flower.log'} "
-                              f"(also: FLWR_HOME={fed.flwr_home} flwr log {run_id} {CONNECTION})")
+                              f"(also: FLWR_HOME={fed.flwr_home} flwr log {run_id} {CONNECTION}){resume}")
     return 0
 
 
@@ -163,6 +197,9 @@ def _summary(out: Path, run_id: int, status: str, seconds: float) -> None:
 def register(subparsers) -> None:
     p = add_command(subparsers, "run", cmd_run, help="submit a training run and follow it to the end")
     add_config_option(p, help="run-config override for this run (repeatable)")
+    p.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
+                   help="continue an interrupted run from its checkpoint (default: the newest run that has one); "
+                        "sites charge the rounds they already trained once")
     p.add_argument("--wait-sites", type=float, default=300.0, metavar="SECONDS",
                    help="how long to wait for min-sites sites to connect before giving up (default 300)")
     add_verbose_option(p, help="show every line of Flower's log")

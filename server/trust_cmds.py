@@ -17,6 +17,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"OK: {report['entries']} entries of run {report['run_id']} ({report['rounds']} rounds; sites "
           f"{', '.join(report['sites']) or 'none'}): every line, link and Ed25519 signature holds "
           f"(key {report['key_sha256'][:16]}).")
+    if report["resumes"]:
+        print(f"The run was interrupted and resumed {report['resumes']} time(s); each time it continued from the "
+              "global model of the last round it had checkpointed (rounds it abandoned stay in the log).")
     print(f"The model (sha256 {report['model_sha256'][:16]}) is the last round's global model, and these files "
           f"are the ones the log records: {', '.join(report['files'])}.")
     if report["ephemeral"]:

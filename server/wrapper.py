@@ -5,7 +5,8 @@ A Candor strategy is a stack of layers around one of Flower's aggregation strate
 update checks, secure aggregation, the signed audit trail) and delegates everything
 else. :class:`StrategyWrapper` is that delegation, written once: it forwards every method
 of Flower's ``Strategy`` interface to ``inner``, so that a wrapper overrides only what it
-adds. ``start`` stays Flower's own: Flower's round loop calls the outermost layer, which
+adds. The round loop (:func:`candor.server.rounds.run_rounds`, Flower's ``Strategy.start``
+protocol from any round, so that a resumed run continues at its round) calls the outermost layer, which
 calls the next, down to the aggregation strategy. The order of the layers is fixed in one
 place, :func:`candor.server.strategy.assemble`.
 

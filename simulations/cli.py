@@ -2,6 +2,7 @@
 
     candor-sim                          # = candor-sim run, the embedded default
     candor-sim run [--schema FILE] [--site NAME=PATH ...] [--out DIR] [-c KEY=VALUE ...]
+    candor-sim run --resume RUN_DIR     # continue an interrupted run from its checkpoint
     candor-sim pooled [...same data options...]   # centralized baseline, same pipeline
     candor-sim schema infer DATA --label COLUMN -o FILE
 """
@@ -53,8 +54,49 @@ def _check_satisfiable(cfg: RunConfig, num_sites: int) -> None:
                           "-c secure-aggregation=false")
 
 
+def _resume_overrides(args: argparse.Namespace) -> tuple[Path, dict, int]:
+    """(run directory, run config, number of sites) of the interrupted run ``args.resume``."""
+    from candor.server.checkpoint import Checkpoint
+
+    out = Path(args.resume).resolve()
+    given = [opt for opt, value in (("--site", args.site), ("--schema", args.schema), ("--out", args.out),
+                                    ("-c", args.config)) if value]
+    if given:
+        raise ConfigError(f"--resume continues the run in {out} with the data and run config it started with; "
+                          f"leave out {', '.join(given)}")
+    checkpoint = Checkpoint.load(out)  # refuses, with the reason, a run that cannot resume
+    overrides = {**checkpoint.run_config, "resume": True}
+    manifest = json.loads(Path(overrides["sim-manifest"]).read_text())
+    print(f"Resuming run {checkpoint.run_id} in {out}: round {checkpoint.round} of "
+          f"{overrides['num-server-rounds']} completed; every site's ledger keeps what it already paid for")
+    return out, overrides, len(manifest["sites"])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from . import engine
+
+    if args.resume:
+        out, overrides, num_sites = _resume_overrides(args)
+    else:
+        out, overrides, num_sites = _new_run(args)
+    print("Starting Flower's simulation engine (about 10-20 s before round 1)...", flush=True)
+    app_dir = Path(args.app_dir).resolve() if args.app_dir else engine.APP_DIR
+    if not (app_dir / "pyproject.toml").is_file():
+        raise ConfigError(f"--app-dir {app_dir}: not a Flower App directory (no pyproject.toml); give a directory "
+                          "whose pyproject.toml has [tool.flwr.app], or leave --app-dir out for Candor's own app")
+    try:
+        result = engine.run(overrides, num_sites=num_sites, log_path=out / "flower.log", app_dir=app_dir,
+                            on_line=ProgressPrinter(verbose=args.verbose))
+    except engine.SimulationError:
+        if (out / "checkpoint.pt").is_file():
+            print(f"The run can continue from its last complete round: candor-sim run --resume {out}",
+                  file=sys.stderr)
+        raise
+    _summary(out, result.seconds)
+    return 0
+
+
+def _new_run(args: argparse.Namespace) -> tuple[Path, dict, int]:
     from .sites import write_manifest
 
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
@@ -71,16 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{cfg.num_server_rounds} rounds, " + (
               f"DP on, target ε = {cfg.target_epsilon} per site for the whole run" if cfg.dp and cfg.target_epsilon
               else f"DP on, noise multiplier {cfg.noise_multiplier}" if cfg.dp else "DP OFF (non-private baseline)"))
-    print("Starting Flower's simulation engine (about 10-20 s before round 1)...", flush=True)
-
-    app_dir = Path(args.app_dir).resolve() if args.app_dir else engine.APP_DIR
-    if not (app_dir / "pyproject.toml").is_file():
-        raise ConfigError(f"--app-dir {app_dir}: not a Flower App directory (no pyproject.toml); give a directory "
-                          "whose pyproject.toml has [tool.flwr.app], or leave --app-dir out for Candor's own app")
-    result = engine.run(overrides, num_sites=len(sites), log_path=out / "flower.log", app_dir=app_dir,
-                        on_line=ProgressPrinter(verbose=args.verbose))
-    _summary(out, result.seconds)
-    return 0
+    return out, overrides, len(sites)
 
 
 def _summary(out: Path, seconds: float) -> None:
@@ -161,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="simulate a federated run (the default command)")
     _data_options(run)
     add_verbose_option(run, help="show Flower's whole log")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the interrupted run in RUN_DIR from its last complete round (same data and "
+                          "run config; sites charge the rounds they already trained once)")
     run.add_argument("--app-dir", help="a Flower App directory to simulate instead of Candor's own (e.g. one whose "
                                        "ClientApp wraps Candor's with mods of your own); same run config keys")
     run.set_defaults(func=cmd_run)

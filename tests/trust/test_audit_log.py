@@ -20,7 +20,8 @@ from candor.common.auditlog import AuditLogError, entry_hash, load_public_key, p
 from candor.common.config import RunConfig
 from candor.common.errors import ConfigError
 from candor.common.schema import Schema
-from candor.server.audit import AUDIT_LOG, PUBLIC_KEY, AuditLog, load_private_key, verify_run, write_private_key
+from candor.server.audit import (AUDIT_LOG, PUBLIC_KEY, RESUME_KEY, AuditLog, forget_resume_key, load_private_key,
+                                 verify_run, write_private_key)
 from candor.server.trust_cmds import register
 from candor.common.demo import DEMO_SCHEMA_PATH
 
@@ -68,7 +69,11 @@ def test_removed_reordered_or_truncated_entries_fail(tmp_path):
 
 def test_signatures_are_checked_with_the_public_key_only(tmp_path):
     log = small_log(tmp_path)
-    assert not any(b"PRIVATE" in p.read_bytes() for p in tmp_path.iterdir())  # ephemeral: never written
+    # ephemeral: kept only for a resume, owner-only, until the run ends; then no one holds it
+    holding = [p.name for p in tmp_path.iterdir() if b"PRIVATE" in p.read_bytes()]
+    assert holding == [RESUME_KEY] and (tmp_path / RESUME_KEY).stat().st_mode & 0o777 == 0o600
+    forget_resume_key(tmp_path)
+    assert not any(b"PRIVATE" in p.read_bytes() for p in tmp_path.iterdir())
     entries = read_log(tmp_path / AUDIT_LOG, load_public_key(tmp_path / PUBLIC_KEY))
     assert [e["kind"] for e in entries] == ["start", "round", "round"]
     assert entries[0]["body"]["audit_key"] == {"algorithm": "ed25519", "sha256": log.fingerprint, "ephemeral": True}
