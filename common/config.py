@@ -257,3 +257,13 @@ def merge_overrides(items: Iterable[str], *, base: Mapping[str, Any] | None = No
     values.update({key.replace("_", "-"): value for key, value in fixed.items() if value is not None})
     typed = RunConfig.from_run_config(values).to_run_config()
     return {key: typed[key] for key in values}
+
+
+STALL_MARGIN = 300.0  # seconds beyond the longest bounded wait a run may be in
+
+
+def stall_limit(cfg: RunConfig) -> float:
+    """How long a run may print nothing before the watchdog stops it as stuck: longer
+    than any wait it can legitimately be in (a round's replies, ``round-timeout``; the
+    sites a round needs, ``site-wait-timeout``), plus :data:`STALL_MARGIN`."""
+    return max(cfg.round_timeout, cfg.site_wait_timeout) + STALL_MARGIN

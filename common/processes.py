@@ -27,7 +27,7 @@ from .errors import CandorError
 
 __all__ = [
     "APP_DIR", "FlwrCommandFailed", "ProcessTimeout", "descendants", "flower_bin", "start_time", "flower_env", "flwr_json", "free_port",
-    "kill_recorded", "last_error_line", "pid_alive", "run_status", "stop_group", "stop_pid_group", "stream_flwr_run",
+    "kill_recorded", "last_error_line", "pid_alive", "RunStalled", "run_status", "stop_group", "stop_pid_group", "stream_flwr_run",
     "superlink_healthy", "timestamped", "wait_until",
 ]
 
@@ -264,6 +264,7 @@ def stream_flwr_run(
     on_line: Callable[[str], None] = lambda line: None,
     on_start: Callable[[int], None] = lambda run_id: None,
     timestamps: bool = False,
+    stall_timeout: float | None = None,
 ) -> int | None:
     """Run ``flwr run ... --stream`` to its end, in its own process group; the one reader of
     its output.
@@ -278,8 +279,15 @@ def stream_flwr_run(
     ``flwr run`` exits 0 even when the ServerApp failed: check the run's status
     (:func:`run_status`) afterwards.
 
+    ``stall_timeout`` is the watchdog: if Flower prints nothing for that many seconds the
+    run is taken to be stuck (a ServerApp or ClientApp that hangs outside any of Flower's
+    bounded waits), the process group is stopped and :class:`RunStalled` raised.
+
     Returns:
         The run id, or ``None`` if Flower never announced one (the run was not submitted).
+
+    Raises:
+        RunStalled: no line for ``stall_timeout`` seconds.
     """
     if "--stream" not in cmd:
         raise ValueError(f"stream_flwr_run: the command must contain --stream; got {list(cmd)}")
@@ -288,17 +296,65 @@ def stream_flwr_run(
     with open(log_path, "w") as log:
         proc = subprocess.Popen(list(cmd), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, start_new_session=True)
+        watchdog = _Watchdog(proc, stall_timeout) if stall_timeout else None
+        last = ""
         try:
             assert proc.stdout is not None
             for raw in proc.stdout:
+                if watchdog:
+                    watchdog.fed()
                 log.write(timestamped(raw) if timestamps else raw)
                 log.flush()
                 line = raw.rstrip("\n")
+                last = line or last
                 if run_id is None and (found := _RUN_STARTED.search(line)):
                     run_id = int(found.group(1))
                     on_start(run_id)
                 on_line(line)
             proc.wait()
         finally:
+            if watchdog:
+                watchdog.stop()
             stop_group(proc)
+    if watchdog and watchdog.fired:
+        raise RunStalled(f"the run printed nothing for {stall_timeout:.0f} s, longer than any wait it may be in "
+                         f"(round-timeout and site-wait-timeout): it is stuck, and was stopped. Last line: "
+                         f"{last.strip()[:300] or '(none)'}; the whole log is in {log_path}", run_id=run_id)
     return run_id
+
+
+class RunStalled(CandorError):
+    """A run printed nothing for longer than any bounded wait it may be in (the watchdog
+    of :func:`stream_flwr_run`); its ``run_id`` if it had one."""
+
+    def __init__(self, text: str, *, run_id: int | None = None) -> None:
+        super().__init__(text)
+        self.run_id = run_id
+
+
+class _Watchdog:
+    """Stops ``proc``'s process group when :meth:`fed` was not called for ``timeout`` s."""
+
+    def __init__(self, proc: subprocess.Popen, timeout: float) -> None:
+        import threading
+
+        self.fired = False
+        self._proc, self._timeout = proc, timeout
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="flwr-run-watchdog", daemon=True)
+        self._thread.start()
+
+    def fed(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(5.0, self._timeout / 4)):
+            if time.monotonic() - self._last > self._timeout:
+                self.fired = True
+                stop_group(self._proc)  # ends the output: the reader's loop returns
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)

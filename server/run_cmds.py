@@ -23,9 +23,9 @@ import tomli_w
 
 from candor.common.atomic import write_atomic, write_json_atomic
 from candor.common.commands import add_command, add_config_option, add_verbose_option
-from candor.common.config import RunConfig, merge_overrides
+from candor.common.config import RunConfig, merge_overrides, stall_limit
 from candor.common.errors import ConfigError, FederationError, Terminated
-from candor.common.processes import APP_DIR, ProcessTimeout, flower_bin, run_status, stream_flwr_run, wait_until
+from candor.common.processes import APP_DIR, ProcessTimeout, RunStalled, flower_bin, run_status, stream_flwr_run, wait_until
 from candor.common.progress import ProgressPrinter, unconfirmed_text
 
 from . import superlink
@@ -120,7 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"Submitting a run of {cfg.num_server_rounds} rounds to {len(fed.sites)} registered sites "
               f"(at least {cfg.min_sites} per round); outputs in {out}", flush=True)
     started = time.time()
-    run_id = _submit_and_stream(fed, config_file, out / "flower.log", verbose=args.verbose)
+    run_id = _submit_and_stream(fed, config_file, out / "flower.log", verbose=args.verbose,
+                                stall_timeout=stall_limit(cfg))
     if run_id is None:
         raise FederationError(f"the run was not submitted; see {out / 'flower.log'}")
     status = _final_status(fed, run_id)
@@ -138,7 +139,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _submit_and_stream(fed: Federation, config_file: Path, log_path: Path, *, verbose: bool) -> int | None:
+def _submit_and_stream(fed: Federation, config_file: Path, log_path: Path, *, verbose: bool,
+                       stall_timeout: float) -> int | None:
     """`flwr run --stream`: log every line with its time, show progress lines; returns the run id.
     On Ctrl-C or SIGTERM the run is stopped on the SuperLink too."""
     cmd = [flower_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(config_file)]
@@ -152,8 +154,8 @@ def _submit_and_stream(fed: Federation, config_file: Path, log_path: Path, *, ve
 
     try:
         return stream_flwr_run(cmd, env=superlink.env(fed), log_path=log_path, timestamps=True, on_start=started,
-                               on_line=ProgressPrinter(verbose=verbose))
-    except (KeyboardInterrupt, Terminated):  # Ctrl-C or SIGTERM: the run is stopped too, not left running
+                               on_line=ProgressPrinter(verbose=verbose), stall_timeout=stall_timeout)
+    except (KeyboardInterrupt, Terminated, RunStalled):  # Ctrl-C, SIGTERM, the watchdog: the run is stopped too
         if run_id is not None:
             print(f"\nStopping run {run_id}...", file=sys.stderr)
             subprocess.run([flower_bin("flwr"), "stop", str(run_id), CONNECTION], env=superlink.env(fed),

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from candor.common.commands import add_config_option, add_verbose_option
-from candor.common.config import RunConfig, merge_overrides
-from candor.common.errors import ConfigError, run_command
+from candor.common.config import RunConfig, merge_overrides, stall_limit
+from candor.common.errors import CandorError, ConfigError, run_command
 from candor.common.progress import ProgressPrinter, unconfirmed_text
 
 
@@ -86,8 +86,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                           "whose pyproject.toml has [tool.flwr.app], or leave --app-dir out for Candor's own app")
     try:
         result = engine.run(overrides, num_sites=num_sites, log_path=out / "flower.log", app_dir=app_dir,
-                            on_line=ProgressPrinter(verbose=args.verbose))
-    except engine.SimulationError:
+                            on_line=ProgressPrinter(verbose=args.verbose),
+                            stall_timeout=stall_limit(RunConfig.from_run_config(overrides)))
+    except CandorError:
         if (out / "checkpoint.pt").is_file():
             print(f"The run can continue from its last complete round: candor-sim run --resume {out}",
                   file=sys.stderr)

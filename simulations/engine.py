@@ -88,16 +88,19 @@ def run(
     on_line: Callable[[str], None] = lambda line: None,
     num_cpus_per_site: int = 1,
     app_dir: Path = APP_DIR,
+    stall_timeout: float | None = None,
 ) -> SimulationResult:
     """Simulate one run of the Candor app (or the Flower App in ``app_dir``) with
     ``num_sites`` sites.
 
     ``run_config`` overrides keys of ``[tool.flwr.app.config]``; ``on_line`` receives
     every streamed log line (without its newline); the full log is written to
-    ``log_path`` as Flower printed it (``common.processes.stream_flwr_run``).
+    ``log_path`` as Flower printed it (``common.processes.stream_flwr_run``). With
+    ``stall_timeout``, a run that prints nothing for that long is stopped (the watchdog).
 
     Raises:
         SimulationError: the SuperLink did not start, or the run did not complete.
+        RunStalled: the watchdog stopped a run that made no progress.
     """
     start = time.monotonic()
     home = Path(tempfile.mkdtemp(prefix="candor-flwr-"))
@@ -113,7 +116,7 @@ def run(
             overrides.write_text(tomli_w.dumps(dict(run_config)))
             cmd = [flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(overrides),
                    "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={num_cpus_per_site}"]
-            submitted = stream_flwr_run(cmd, env=env, log_path=log_path, on_line=on_line)
+            submitted = stream_flwr_run(cmd, env=env, log_path=log_path, on_line=on_line, stall_timeout=stall_timeout)
             run_id, status = run_status(CONNECTION, env=env, run_id=submitted)
     finally:
         shutil.rmtree(home, ignore_errors=True)

@@ -8,10 +8,11 @@ import os
 import re
 import sys
 import textwrap
+import time
 
 import pytest
 
-from candor.common.processes import last_error_line, pid_alive, stream_flwr_run, wait_until
+from candor.common.processes import RunStalled, last_error_line, pid_alive, stream_flwr_run, wait_until
 from candor.common.progress import PROGRESS, progress_text, show_line
 
 FAKE_FLWR = textwrap.dedent("""
@@ -49,6 +50,34 @@ def test_without_timestamps_the_log_is_flowers_output_verbatim(tmp_path):
     assert stream_flwr_run([sys.executable, "-c", "print('no run here')", "--stream"], env=os.environ,
                            log_path=log) is None
     assert log.read_text() == "no run here\n"
+
+
+STUCK_FLWR = textwrap.dedent("""
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    print(f"child {child.pid}", flush=True)
+    print("Successfully started run 77", flush=True)
+    print("INFO :      [candor] round 1/5 | sites 3", flush=True)
+    time.sleep(600)  # a ServerApp stuck outside every bounded wait
+""")
+
+
+def test_the_watchdog_stops_a_run_that_prints_nothing_and_says_so(tmp_path):
+    lines: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(RunStalled, match=r"printed nothing for 2 s.*Last line: INFO :      \[candor\] round 1/5") as err:
+        stream_flwr_run([sys.executable, "-c", STUCK_FLWR, "--stream"], env=os.environ, log_path=tmp_path / "f.log",
+                        on_line=lines.append, stall_timeout=2)
+    assert err.value.run_id == 77 and time.monotonic() - started < 30
+    child = int(lines[0].split()[1])
+    wait_until(lambda: not pid_alive(child), timeout=10, what="the stuck run's child to be stopped")
+
+
+def test_the_watchdog_limit_is_longer_than_every_bounded_wait():
+    from candor.common.config import STALL_MARGIN, RunConfig, stall_limit
+
+    assert stall_limit(RunConfig(round_timeout=100, site_wait_timeout=900)) == 900 + STALL_MARGIN
+    assert stall_limit(RunConfig()) > RunConfig().round_timeout
 
 
 def test_the_reader_wants_a_streaming_command(tmp_path):
