@@ -9,25 +9,166 @@ lifetime budget (:mod:`client.budget`), and ``--max-rounds``, ``--max-run-epsilo
 (:class:`candor.common.policy.SiteLimits`), both kept in the site directory across
 restarts; ``--data-loader`` and ``--allow-model-plugin`` name the only plug-in code the
 site runs. A coordinator's run config can change none of these.
+
+A server that cannot be reached yet (down, restarting, a link not up) is waited for,
+with one line naming the address and the bound, retrying with backoff for up to
+``--connect-timeout`` seconds (default 30; 0: one attempt), then a non-zero exit naming
+the reason; a server that has just come up registers its sites' keys only after it
+answers, so a refused key is then tried again within the same bound. Before Flower starts, the site's clock is compared with the server's (the
+``Date`` of its HTTPS answer): Flower's node authentication refuses every request of a
+site whose clock is more than 5 s ahead of the server's or 5 min behind it, and Flower
+then only stops; ``start`` says so in one line instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import email.utils
+import errno
+import http.client
+import socket
+import ssl
+import time
 from pathlib import Path
 
 from candor.common.commands import add_command, add_verbose_option
-from candor.common.errors import SiteError
+from candor.common.errors import ConfigError, ConnectionFailed, SiteError
 from candor.common.schema import Schema
 
 from .budget import SiteBudget
 from .keys import load_private_key
-from .preflight import check_server
+from .preflight import CONNECT_TIMEOUT, check_server, split_address
 from .site_cmds import import_invite
 from .site_dir import SiteDir
-from .supernode import run_supernode, write_node_config
+from .supernode import KeyRefused, run_supernode, write_node_config
 
-__all__ = ["register"]
+__all__ = ["CONNECT_WAIT_SECONDS", "check_clock", "clock_offset", "register", "wait_for_server"]
+
+CONNECT_WAIT_SECONDS = 30.0  # --connect-timeout's default: how long start waits for a server it cannot reach
+# (a server restart takes ~10 s; longer outages are the service manager's: Restart=on-failure)
+RETRY_FIRST, RETRY_MAX = 1.0, 15.0  # seconds between attempts: 1, 2, 4, 8, 15, 15, ...
+KEY_RETRY_SECONDS = 5.0  # between SuperNode starts while the server refuses the key (within --connect-timeout)
+# Flower 1.42's node authentication (flwr.common.constant, flwr/superlink/routers/fleet/node_auth.py):
+# a SuperNode's signed timestamp is accepted if the server's clock minus it lies strictly
+# between -SYSTEM_TIME_TOLERANCE and TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE.
+FLOWER_AHEAD_LIMIT = 5.0  # seconds a site's clock may be ahead of the server's
+FLOWER_BEHIND_LIMIT = 305.0  # seconds it may be behind
+
+
+def _unreachable_reason(err: OSError, timeout: float) -> str:
+    if isinstance(err, socket.gaierror):
+        return "its host name does not resolve"
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, TimeoutError):
+        return f"no answer within {timeout:.0f} s"
+    return {errno.EHOSTUNREACH: "no route to host", errno.ENETUNREACH: "network unreachable"}.get(
+        err.errno, err.strerror or str(err))
+
+
+def wait_for_server(address: str, *, timeout: float, attempt_timeout: float = CONNECT_TIMEOUT) -> bool:
+    """Wait until the server's port at ``address`` accepts a TCP connection, retrying with
+    backoff (1 s doubling to 15 s between attempts) for up to ``timeout`` seconds (0: one
+    attempt). Prints one line when it starts waiting and one when the server answers.
+    Returns True if it had to wait (the server has just come up).
+
+    Raises:
+        ConfigError: ``address`` is not HOST:PORT.
+        ConnectionFailed: not reachable within ``timeout``; names the address, the last
+            reason, the attempts and the bound.
+    """
+    host, port = split_address(address)
+    began = time.monotonic()
+    deadline = began + timeout
+    delay, attempts, reason = RETRY_FIRST, 0, ""
+    while True:
+        attempts += 1
+        per_attempt = max(1.0, min(attempt_timeout, deadline - time.monotonic()))
+        try:
+            with socket.create_connection((host, port), timeout=per_attempt):
+                pass
+        except OSError as err:
+            reason = _unreachable_reason(err, per_attempt)
+        else:
+            if attempts > 1:
+                print(f"Server {address} answered after {time.monotonic() - began:.0f} s ({attempts} attempts).",
+                      flush=True)
+            return attempts > 1
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            waited = (f" within --connect-timeout {timeout:g} s ({attempts} attempts)" if timeout > 0 else "")
+            raise ConnectionFailed(f"cannot reach the Candor server at {address} ({reason}){waited}: is "
+                                   "`candor-server start` running there, and is the port open to this machine? "
+                                   "Start again when it is, or wait longer with --connect-timeout SECONDS")
+        if attempts == 1:
+            print(f"Waiting for the Candor server at {address} ({reason}): retrying with backoff ("
+                  f"{RETRY_FIRST:g} s doubling to {RETRY_MAX:g} s) for up to {timeout:g} s (--connect-timeout); "
+                  "Ctrl-C to stop.", flush=True)
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, RETRY_MAX)
+
+
+def clock_offset(address: str, ca_cert: Path, *, verify: bool = True,
+                 timeout: float = CONNECT_TIMEOUT) -> tuple[float, float, str] | None:
+    """How far this machine's clock is ahead of the server's (negative: behind), from the
+    ``Date`` header of the server's ``/health`` answer: ``(seconds, uncertainty, the
+    server's Date)``, or None if the server gives no date or cannot be asked.
+
+    ``verify=False`` reads the date over TLS without verifying the server (only to name
+    what is wrong when verification failed, e.g. because this clock is off by months)."""
+    host, port = split_address(address)
+    if verify:
+        context = ssl.create_default_context(cafile=str(ca_cert))
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+    try:
+        sent = time.time()
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        received = time.time()
+        date = response.getheader("Date")
+        response.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    try:
+        server = email.utils.parsedate_to_datetime(date).timestamp() + 0.5  # Date is truncated to the second
+    except (TypeError, ValueError):
+        return None
+    return (sent + received) / 2 - server, 0.5 + (received - sent) / 2, str(date)
+
+
+def _span(seconds: float) -> str:
+    seconds = abs(seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def check_clock(address: str, offset: tuple[float, float, str] | None) -> str | None:
+    """None if this site's clock is close enough to the server's for Flower's node
+    authentication (or cannot be compared); else the one-line reason it is not."""
+    if offset is None:
+        return None
+    seconds, uncertainty, date = offset
+    if seconds - uncertainty < FLOWER_AHEAD_LIMIT and seconds + uncertainty > -FLOWER_BEHIND_LIMIT:
+        return None
+    local = dt.datetime.now(dt.timezone.utc)
+    return (f"this machine's clock is {_span(seconds)} {'ahead of' if seconds > 0 else 'behind'} the server's "
+            f"(the server at {address} says {date}; this machine says {local:%a, %d %b %Y %H:%M:%S} GMT): "
+            f"Flower's node authentication refuses every request of a site whose clock is more than "
+            f"{FLOWER_AHEAD_LIMIT:g} s ahead of the server's or {FLOWER_BEHIND_LIMIT / 60:g} min behind it. Set this "
+            "machine's clock (NTP, e.g. `timedatectl set-ntp true`), or ask the coordinator whether the server's "
+            "clock is wrong, and start again")
 
 
 def _budget_lines(site: SiteDir, name: str, budget: SiteBudget) -> list[str]:
@@ -98,6 +239,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         raise SiteError(f"site '{name}' has not joined a federation yet: pass the coordinator's invite once, "
                         f"`candor-client start {site.dir} --invite FILE --data PATH`")
     server = args.server or str(config["server"])
+    if not args.connect_timeout >= 0:
+        raise ConfigError(f"--connect-timeout must be 0 or more seconds; got {args.connect_timeout:g}")
     try:
         stored = SiteBudget.read(site.budget_path)
     except SiteError:
@@ -128,8 +271,18 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     # 2. The key and the server, before Flower starts.
     load_private_key(site.private_key)
-    check_server(server, site.ca_cert)
+    deadline = time.monotonic() + args.connect_timeout
+    came_up = wait_for_server(server, timeout=args.connect_timeout)
+    try:
+        check_server(server, site.ca_cert)
+    except ConnectionFailed as err:
+        # a certificate "expired" or "not valid yet" may be this machine's clock, not the certificate
+        if (clock := check_clock(server, clock_offset(server, site.ca_cert, verify=False))) is not None:
+            raise ConnectionFailed(f"{clock} (with this clock, TLS says: {err})") from None
+        raise
     print(f"Server {server} reached over TLS; certificate verified against {site.ca_cert}.")
+    if (clock := check_clock(server, clock_offset(server, site.ca_cert))) is not None:
+        raise ConnectionFailed(clock)
 
     # 3. Flower's SuperNode.
     print(_limits_line(limits))
@@ -137,8 +290,22 @@ def cmd_start(args: argparse.Namespace) -> int:
                                     limits=limits, schema_sha256=str(config.get("schema-sha256", "")))
     if explain_opt_out:
         print("This site sends no feature importances (explain opt-out, kept in site.toml).")
-    return run_supernode(site, name, server=server, node_config=node_config, runtime_port=args.runtime_port,
-                         verbose=args.verbose)
+    while True:
+        try:
+            return run_supernode(site, name, server=server, node_config=node_config, runtime_port=args.runtime_port,
+                                 verbose=args.verbose)
+        except KeyRefused:
+            # a server that has just come up registers its sites' keys after it answers (`candor-server
+            # start` reconciles its registry then): a refusal then may pass by itself
+            remaining = deadline - time.monotonic()
+            if not came_up or remaining <= 0:
+                raise
+            wait = min(KEY_RETRY_SECONDS, remaining)
+            print(f"The server, which has just come up, refused this site's key (it may not have registered its "
+                  f"sites yet); trying again in {wait:.0f} s, until "
+                  f"{time.strftime('%H:%M:%S', time.localtime(time.time() + remaining))} (--connect-timeout).",
+                  flush=True)
+            time.sleep(wait)
 
 
 def register(subparsers) -> None:
@@ -169,5 +336,8 @@ def register(subparsers) -> None:
                    help="this site's own plug-in data loader (docs/plugins.md); a run config cannot name one")
     p.add_argument("--allow-model-plugin", action="append", default=[], metavar="MODULE:FACTORY",
                    help="a plug-in model this site allows a run to use (repeatable)")
+    p.add_argument("--connect-timeout", type=float, default=CONNECT_WAIT_SECONDS, metavar="SECONDS",
+                   help="how long to wait for a server that cannot be reached yet, retrying with backoff "
+                        f"(default {CONNECT_WAIT_SECONDS:g}; 0: one attempt)")
     p.add_argument("--runtime-port", type=int, help="local port of the SuperNode's Runtime API (default: a free one)")
     add_verbose_option(p, help="print every line of the SuperNode's log")

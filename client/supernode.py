@@ -36,7 +36,7 @@ from .budget import SiteBudget
 from .clientapp_main import SITE_DIR_ENV, SITE_NAME_ENV
 from .site_dir import SiteDir
 
-__all__ = ["SUPEREXEC_POLL_SECONDS", "SUPEREXEC_SECRET", "run_supernode", "write_node_config"]
+__all__ = ["KeyRefused", "SUPEREXEC_POLL_SECONDS", "SUPEREXEC_SECRET", "run_supernode", "write_node_config"]
 
 # Flower's SuperExec polls the SuperNode for a ClientApp process to start every 1 s by
 # default: on average 0.5 s of every message. 0.2 s saves ~0.4 s per message for ~2.7 %
@@ -119,7 +119,7 @@ def run_supernode(site: SiteDir, name: str, *, server: str, node_config: Path, r
     env = flower_env(site.flwr_home, **{SITE_DIR_ENV: str(site.dir), SITE_NAME_ENV: name})
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_SECONDS)
     print(_code_line(site), flush=True)
-    return _supervise(supernode, superexec, env, site, name, verbose=verbose)
+    return _supervise(supernode, superexec, env, site, name, server=server, verbose=verbose)
 
 
 def _code_line(site: SiteDir) -> str:
@@ -136,8 +136,15 @@ class _Stop(Exception):
     pass
 
 
+class KeyRefused(ConnectionFailed):
+    """The server refused the site's key before the SuperNode connected. Not always
+    final: a server that has just started registers its sites' keys only after it
+    answers, and after a site's restart Flower counts its previous start connected for up
+    to 60 s (``candor-client start`` retries within ``--connect-timeout``)."""
+
+
 def _supervise(supernode_cmd: list[str], superexec_cmd: list[str], env: dict[str, str], site: SiteDir, name: str,
-               *, verbose: bool) -> int:
+               *, server: str = "the server", verbose: bool) -> int:
     """Run the SuperNode and its SuperExec in this process group; log everything; turn
     known failures into one line.
 
@@ -146,9 +153,14 @@ def _supervise(supernode_cmd: list[str], superexec_cmd: list[str], env: dict[str
     SuperNode runs (e.g. its self-test refused this Flower version), both stop. Each
     process has its own output pipe, pumped into one log; the loop waits on the
     SuperNode, not on the end of a pipe.
+
+    Once connected, a lost connection is one line (Flower's SuperNode retries by itself,
+    with backoff, without limit) and its return another.
     """
     failure: str | None = None
+    key_refused = False
     connected = False
+    lost_at: float | None = None  # when the connection to the server was lost (monotonic), while it is
     stopping = False
     exec_failure: str | None = None
 
@@ -208,6 +220,7 @@ def _supervise(supernode_cmd: list[str], superexec_cmd: list[str], env: dict[str
                     print(f"Site '{name}' connected as node {line.rsplit(':', 1)[1].strip()}; waiting for "
                           "training requests (Ctrl-C to stop).", flush=True)
                 elif "Failed to activate SuperNode" in line or "code: 2004" in line:
+                    key_refused = not connected
                     failure = (f"the server refused this site's key ({site.public_key}): the coordinator has not "
                                f"registered it yet (`candor-server add-site DIR {name} node.pub`) or has removed "
                                "this site; or, if this site was stopped less than a minute ago, the server still "
@@ -216,6 +229,14 @@ def _supervise(supernode_cmd: list[str], superexec_cmd: list[str], env: dict[str
                     failure = (f"the server's certificate did not verify against the federation's CA ({site.ca_cert}): "
                                "it expired, or the coordinator changed the CA; run `candor-client start` again for "
                                "the exact reason, and ask the coordinator for a renewed certificate or the new invite")
+                elif "Connection attempt failed" in line and connected and lost_at is None:
+                    lost_at = time.monotonic()
+                    print(f"Lost the connection to {_server(server)} ({time.strftime('%H:%M:%S')}); Flower's "
+                          "SuperNode keeps retrying with backoff (at most 20 s between tries) until it answers "
+                          "(Ctrl-C to stop).", flush=True)
+                elif "Connection successful after" in line and lost_at is not None:
+                    print(f"Reconnected to {_server(server)} after {time.monotonic() - lost_at:.0f} s.", flush=True)
+                    lost_at = None
                 elif "address already in use" in line.lower():
                     failure = ("a local port of this site's SuperNode is already in use (another site or program on "
                                "this machine holds it): pass another --runtime-port, or leave it out to get a free one")
@@ -237,14 +258,30 @@ def _supervise(supernode_cmd: list[str], superexec_cmd: list[str], env: dict[str
         print(f"Site '{name}' stopped.")
         return 0
     if failure:
-        raise ConnectionFailed(failure)
+        raise (KeyRefused if key_refused else ConnectionFailed)(failure)
     if exec_failure:
         raise ConnectionFailed(exec_failure)
+    # Flower's SuperNode stops itself, exit code 0, on the server's first HTTP 401: a key
+    # the server does not (or no longer) accept, or a signed timestamp outside its window
+    # (this machine's clock more than 5 s ahead of the server's or 5 min behind it)
+    clock = ("this machine's clock differs from the server's by more than Flower's node authentication allows "
+             "(5 s ahead, 5 min behind): check it (NTP) and start again")
     if connected and node.returncode == 0:
-        raise ConnectionFailed(f"the SuperNode stopped (the coordinator may have removed site '{name}'); "
+        raise ConnectionFailed(f"the SuperNode stopped (the coordinator may have removed site '{name}'; or {clock}); "
                                f"its log is {site.log_path}")
+    if node.returncode == 0:
+        raise ConnectionFailed(f"{_server(server, at=True)} refused this site's signed requests and Flower stopped the "
+                               f"SuperNode before it connected: {clock}; or the coordinator removed site '{name}' "
+                               f"(its log is {site.log_path})")
     raise ConnectionFailed(f"the SuperNode exited with code {node.returncode}: {last_error_line(site.log_path)} "
                            f"(full log: {site.log_path})")
+
+
+def _server(address: str, *, at: bool = False) -> str:
+    """``the server HOST:PORT`` (``the server at HOST:PORT``), or ``the server`` if unnamed."""
+    if address == "the server":
+        return address
+    return f"the server at {address}" if at else f"the server {address}"
 
 
 def _pump(stream, lines: queue.Queue, tag: str) -> None:
