@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message
 
 from candor.common.config import RunConfig
 from candor.common.data import SiteData, load_plugin_site, load_site, stable_seed
 from candor.common.errors import CHARGED_CODE, REFUSAL_CODE, AlreadyCharged, SchemaError
+from candor.common.hashing import hash_arrays
 from candor.common.models import build_model
 from candor.common.names import run_id_of
 from candor.common.privacy import PRIVACY_UNIT
 from candor.common.schema import Schema
 
+from .ledger import Ledger
+from .outbox import Outbox
 from .site import SiteSpec, resolve_site
+from .spending import Spending
 
 __all__ = ["REFUSED", "SiteContext", "refusal"]
 
@@ -65,15 +70,37 @@ class SiteContext:
                                  num_outputs=self.schema.num_outputs, hidden=self.cfg.hidden_sizes)
         self.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         self.round = int(msg.content["config"]["server-round"])
+        self.received = hash_arrays(msg.content["arrays"])  # the model this message carries
         self.run_id = run_id_of(msg)  # the Candor run id: the same across a resumed run's Flower runs
+
+    def spending(self) -> Spending:
+        """The site's spending in this run (its ledger; the run's settings are set once its
+        DP counts are known: client/counts.py)."""
+        return Spending(Ledger(self.spec.ledger_path, site=self.spec.name), run=None, budget=self.spec.budget,
+                        run_id=self.run_id, site=self.spec.name)
+
+    def outbox(self) -> Outbox:
+        return Outbox(self.spec.ledger_path)
+
+    def rng(self, purpose: str) -> np.random.Generator:
+        """The noise source of one release: seeded from the run's public seed only at a
+        simulated site whose manifest asks for it (reproducible research runs), otherwise
+        from the operating system's entropy."""
+        if self.spec.public_seed:
+            return np.random.default_rng(stable_seed(self.cfg.seed, self.spec.name, self.round, purpose))
+        return np.random.default_rng()
 
     def identity(self) -> ConfigRecord:
         """The ``candor`` ConfigRecord every reply carries: site, privacy unit, noise source."""
-        return identity(self.spec)
+        return identity(self.spec, self.cfg)
 
 
-def identity(spec: SiteSpec) -> ConfigRecord:
-    return ConfigRecord({"site": spec.name, "privacy-unit": PRIVACY_UNIT, "noise-seed": spec.noise_seed})
+def identity(spec: SiteSpec, cfg: RunConfig | None = None) -> ConfigRecord:
+    """Site name, privacy unit, noise source, and what it releases of its evaluation
+    (``dp``, ``local`` or ``clear``; a run without DP releases it in the clear)."""
+    evaluation = spec.evaluation if cfg is None or cfg.dp or spec.evaluation == "local" else "clear"
+    return ConfigRecord({"site": spec.name, "privacy-unit": PRIVACY_UNIT, "noise-seed": spec.noise_seed,
+                         "evaluation": evaluation})
 
 
 def refusal(msg: Message, err: Exception) -> Message:

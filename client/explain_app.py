@@ -7,7 +7,8 @@ one value per original feature) and a ConfigRecord ``candor`` (site, privacy uni
 ``release``, and for a private release: mechanism JSON, clip, accountant, δ, and ε of
 this run including the release).
 
-``release`` says what was sent:
+The statistic is divided by the site's DP count of its held-out rows
+(:mod:`candor.client.counts`), never the exact count. ``release`` says what was sent:
 
 * ``"dp"`` (run with ``dp = true``): the Gaussian-mechanism release of
   :func:`common.explain.release_importance` with ``explain-clip`` C and
@@ -34,15 +35,12 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from candor.common.config import RunConfig
 from candor.common.encoding import Encoder
 from candor.common.errors import AlreadyCharged, CandorError
-from candor.common.hashing import hash_arrays
 from candor.common.explain import attribute, release_importance, release_mechanism
-from candor.common.policy import RunPrivacy
 
 from .context import SiteContext, identity, refusal
-from .ledger import Ledger
-from .outbox import KeptReply, Outbox
+from .counts import released_counts
+from .outbox import KeptReply
 from .site import resolve_site
-from .spending import Spending
 
 __all__ = ["handle_explain"]
 
@@ -71,20 +69,18 @@ def _explain(site: SiteContext, msg: Message) -> Message:
         release = release_importance(explanation, clip=None, noise_multiplier=None)
         extra["release"] = "exact"
     else:
-        # the δ of the site's training: the release composes with it in one run
-        run = RunPrivacy.from_config(cfg, num_records=len(site.data.train), explain=True, limits=spec.limits)
-        record = release_mechanism(round=site.round, noise_multiplier=cfg.explain_noise_multiplier,
-                                   run_id=site.run_id)
-        spending = Spending(Ledger(spec.ledger_path, site=spec.name), run=run, budget=spec.budget,
-                            run_id=site.run_id, site=spec.name)
-        outbox = Outbox(spec.ledger_path)
-        received = hash_arrays(msg.content["arrays"])
+        spending, outbox, received = site.spending(), site.outbox(), site.received
         with spending.locked():
-            if any(m.round == site.round for m in spending.run_history):
+            # the δ of the site's training: the release composes with it in one run
+            counts = released_counts(site, spending, outbox, explain=True)
+            run = spending.run
+            record = run.labelled(release_mechanism(round=site.round, noise_multiplier=cfg.explain_noise_multiplier,
+                                                    run_id=site.run_id))
+            if any(m.kind == "explanation" for m in spending.run_history):
                 return _repeat(site, msg, outbox.kept(site.run_id, "explain"), received)
             spending.check(record, what="the explanation release")
             release = release_importance(explanation, clip=cfg.explain_clip,
-                                         noise_multiplier=cfg.explain_noise_multiplier)
+                                         noise_multiplier=cfg.explain_noise_multiplier, count=counts.test)
             extra.update({"release": "dp", "mechanism": json.dumps(record.to_dict()), "clip": cfg.explain_clip,
                           "accountant": run.accountant, "delta": run.delta,
                           "epsilon": run.accountant_for([*spending.run_history, record]).epsilon()})

@@ -35,7 +35,7 @@ def ledger_report(site: SiteDir, name: str, budget: SiteBudget, *, accountant: s
     as ``total`` states.
     """
     from candor.common.policy import lifetime_spent
-    from candor.common.privacy import PRIVACY_UNIT_LONG, Accountant
+    from candor.common.privacy import KINDS, PRIVACY_UNIT_LONG, Accountant
 
     from .ledger import Ledger
 
@@ -48,14 +48,16 @@ def ledger_report(site: SiteDir, name: str, budget: SiteBudget, *, accountant: s
     per_run = []
     for run_id, items in runs.items():
         last = items[-1]
+        training = [e for e in items if e.mechanism.kind == "training"]
         per_run.append({
-            "run_id": run_id, "rounds": len(items), "steps": sum(e.mechanism.steps for e in items),
+            "run_id": run_id, "rounds": len(training), "steps": sum(e.mechanism.steps for e in training),
+            "releases": {kind: n for kind in KINDS if (n := sum(e.mechanism.kind == kind for e in items))},
             "delta": last.delta, "first": items[0].time, "last": last.time,
             "epsilon": Accountant(last.accountant, delta=last.delta, history=[e.mechanism for e in items]).epsilon(),
             "accountant": last.accountant,
         })
     doc = {"site": name, "ledger": str(site.ledger_path), "privacy_unit": PRIVACY_UNIT_LONG,
-           "runs": per_run, "rounds": len(entries),
+           "runs": per_run, "rounds": sum(e.mechanism.kind == "training" for e in entries),
            "total": {"epsilon": spent.epsilon, "delta": spent.delta, "accountant": spent.accountant},
            "budget": budget.as_dict() or None}
     if (accountant or spent.accountant) != spent.accountant or (delta or spent.delta) != spent.delta:
@@ -73,7 +75,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     per_run, total = doc["runs"], doc["total"]
-    print(f"Site '{name}': privacy ledger {site.ledger_path} ({doc['rounds']} rounds in {len(per_run)} runs)")
+    print(f"Site '{name}': privacy ledger {site.ledger_path} ({doc['rounds']} training rounds in {len(per_run)} runs, "
+          "with the row counts, evaluations and explanations those runs released)")
     print(f"Privacy unit: {doc['privacy_unit']}. ε recomputed from the recorded mechanisms.")
     if per_run:
         print(f"  {'run':<22} {'rounds':>6} {'steps':>7} {'δ':>9} {'ε (run)':>9}  last round")
@@ -81,7 +84,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
             print(f"  {r['run_id'] or '-':<22} {r['rounds']:>6} {r['steps']:>7} {r['delta']:>9.2g} "
                   f"{r['epsilon']:>9.3f}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(r['last']))}")
     print(f"Lifetime total: ε = {total['epsilon']:.3f} at δ = {total['delta']:g} ({total['accountant'].upper()}, "
-          "all rounds of all runs composed; the figure the budget is enforced against)")
+          "every release of every run composed; the figure the budget is enforced against)")
     if "total_requested" in doc:
         asked = doc["total_requested"]
         print(f"  as asked: ε = {asked['epsilon']:.3f} at δ = {asked['delta']:g} ({asked['accountant'].upper()})")

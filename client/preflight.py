@@ -56,7 +56,7 @@ def _unreadable(ca_cert: Path, reason: object) -> KeyFileError:
                         "`candor-client start SITE_DIR --invite FILE --data PATH`")
 
 
-def _trusted(ca_cert: Path) -> list[x509.Certificate]:
+def trusted_cas(ca_cert: Path) -> list[x509.Certificate]:
     """The CA certificate(s) of the site's CA file (a bundle during a CA rotation)."""
     try:
         return parse_pem_certificates(ca_cert.read_bytes())
@@ -109,7 +109,7 @@ def _verify_failure(err: ssl.SSLCertVerificationError, *, address: str, host: st
                                 "(`candor-server init --host`)")
     now = dt.datetime.now(dt.timezone.utc)
     presented = _presented(host, port, timeout)
-    trusted = _trusted(ca_cert)
+    trusted = trusted_cas(ca_cert)
     if code == X509_V_ERR_CERT_HAS_EXPIRED:
         if presented is not None and presented.not_valid_after_utc <= now:
             return ConnectionFailed(f"the server's certificate at {address} expired on "
@@ -158,7 +158,7 @@ def check_server(address: str, ca_cert: Path, *, timeout: float = CONNECT_TIMEOU
             server certificate not valid yet (this machine's clock).
     """
     host, port = split_address(address)
-    _trusted(ca_cert)
+    trusted_cas(ca_cert)
     context = _tls_context(ca_cert)
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:

@@ -8,7 +8,7 @@ its node config then has ``partition-id`` and ``num-partitions`` and no ``data-p
 Deployment node config keys (set by ``candor-client start``, the site's own): ``site-name``,
 ``data-path``, ``schema-path``, ``schema-sha256`` (the schema the site accepted),
 ``site-dir`` and optionally ``test-path``, ``budget-epsilon``, ``budget-delta``,
-``explain-opt-out``, the site's limits on a run (``max-rounds``, ``max-run-epsilon``,
+``explain-opt-out``, ``evaluation`` (``dp``, ``local`` or ``clear``), the site's limits on a run (``max-rounds``, ``max-run-epsilon``,
 ``max-grad-norm``, ``max-batch-size``, ``allow-non-private``) and its own plug-ins
 (``data-loader``, ``model-plugins``: comma-separated ``module:factory`` it allows).
 
@@ -19,7 +19,7 @@ refused, and a plug-in ``model`` runs only when the site's node config names it.
 
 Simulation: ``run_config["sim-manifest"]`` is a JSON file ``{"noise_seed"?, "sites":
 [{"name", "data", "test"?, "ledger", "budget_epsilon"?, "budget_delta"?,
-"explain_opt_out"?}, ...]}`` written by ``candor-sim``; simulated node ``partition-id`` i
+"explain_opt_out"?, "evaluation"?}, ...]}`` written by ``candor-sim``; simulated node ``partition-id`` i
 is ``sites[i]``. Without a manifest (a bare ``flwr run .``) a simulated node holds its
 share of the embedded demo data (:mod:`candor.common.demo`).
 
@@ -42,6 +42,7 @@ from candor.common.demo import DEMO_SCHEMA_PATH
 from candor.common.errors import ConfigError, RunRefused
 from candor.common.policy import LifetimeBudget, SiteLimits
 
+EVALUATION_MODES = ("dp", "local", "clear")  # a site's evaluation: a DP release, kept at the site, or in the clear
 NOISE_OS_ENTROPY = "os-entropy"
 NOISE_PUBLIC_SEED = "public-seed (simulation only)"
 MANIFEST_PUBLIC_SEED = "public-seed"  # the manifest's "noise_seed" value that candor-sim writes
@@ -65,6 +66,15 @@ class SiteSpec:
     # Sampling and noise seeded from the run's public `seed` (reproducible runs). Only a
     # simulated site whose candor-sim manifest asks for it; never a deployed site.
     public_seed: bool = False
+    # What the site sends of each round's evaluation on its held-out rows: "dp" (a DP
+    # release, recorded; the default), "local" (nothing: the metrics stay at the site) or
+    # "clear" (exact metrics; privacy.json lists evaluation as unprotected).
+    evaluation: str = "dp"
+
+    def __post_init__(self) -> None:
+        if self.evaluation not in EVALUATION_MODES:
+            raise ConfigError(f"site '{self.name}': evaluation = {self.evaluation!r} is not one of "
+                              f"{', '.join(EVALUATION_MODES)}; set it with `candor-client start --evaluation MODE`")
 
     @property
     def budget(self) -> LifetimeBudget:
@@ -118,6 +128,7 @@ def resolve_site(node_config: Mapping[str, Any], cfg: RunConfig) -> SiteSpec:
             schema_sha256=str(node_config["schema-sha256"]) if node_config.get("schema-sha256") else None,
             data_loader=str(node_config.get("data-loader") or ""),
             model_plugins=tuple(p.strip() for p in str(node_config.get("model-plugins") or "").split(",") if p.strip()),
+            evaluation=str(node_config.get("evaluation") or "dp"),
         )
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise ConfigError(
@@ -149,6 +160,7 @@ def resolve_site(node_config: Mapping[str, Any], cfg: RunConfig) -> SiteSpec:
         data_loader=cfg.data_loader,  # a researcher's own simulation: its run config is its own
         simulated=True,
         public_seed=public_seed,
+        evaluation=str(entry.get("evaluation", "dp")),
     )
 
 

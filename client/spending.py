@@ -27,9 +27,12 @@ __all__ = ["Spending"]
 
 
 class Spending:
-    """``site``'s spending in run ``run_id``, against ``run``'s settings and its ``budget``."""
+    """``site``'s spending in run ``run_id``, against ``run``'s settings and its ``budget``
+    (``run`` may be set after :meth:`locked`, once the site's DP counts are known:
+    ``client/counts.py``)."""
 
-    def __init__(self, ledger: Ledger, *, run: RunPrivacy, budget: LifetimeBudget, run_id: str, site: str) -> None:
+    def __init__(self, ledger: Ledger, *, run: RunPrivacy | None, budget: LifetimeBudget, run_id: str,
+                 site: str) -> None:
         self.ledger = ledger
         self.run = run
         self.budget = budget

@@ -38,7 +38,8 @@ from candor.common.schema import Schema
 
 from .budget import SiteBudget
 from .keys import load_private_key
-from .preflight import CONNECT_TIMEOUT, check_server, split_address
+from .preflight import CONNECT_TIMEOUT, check_server, split_address, trusted_cas
+from .site import EVALUATION_MODES
 from .site_cmds import import_invite
 from .site_dir import SiteDir
 from .supernode import KeyRefused, run_supernode, write_node_config
@@ -254,6 +255,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         config["explain-opt-out"] = args.explain_opt_out
         site.save_config(config)
     explain_opt_out = bool(config.get("explain-opt-out", False))
+    if args.evaluation is not None and args.evaluation != config.get("evaluation", "dp"):
+        config["evaluation"] = args.evaluation
+        site.save_config(config)
+    evaluation = str(config.get("evaluation", "dp"))
     limits = _update_limits(site, config, args)
 
     from candor.common.validation import load_table  # imports pandas: only here
@@ -271,6 +276,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     # 2. The key and the server, before Flower starts.
     load_private_key(site.private_key)
+    trusted_cas(site.ca_cert)  # a damaged CA file is one line now, not after waiting for the server
     deadline = time.monotonic() + args.connect_timeout
     came_up = wait_for_server(server, timeout=args.connect_timeout)
     try:
@@ -287,9 +293,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     # 3. Flower's SuperNode.
     print(_limits_line(limits))
     node_config = write_node_config(site, name, data, test, budget, explain_opt_out=explain_opt_out,
-                                    limits=limits, schema_sha256=str(config.get("schema-sha256", "")))
+                                    limits=limits, schema_sha256=str(config.get("schema-sha256", "")),
+                                    evaluation=evaluation)
     if explain_opt_out:
         print("This site sends no feature importances (explain opt-out, kept in site.toml).")
+    print({"dp": "Evaluation: a private release each round (noisy sums, in this site's ε).",
+           "local": "Evaluation: kept at this site (its log); nothing is sent.",
+           "clear": "Evaluation: sent IN THE CLEAR (exact metrics of the held-out rows, not covered by ε; "
+                    "privacy.json and the model card say so)."}[evaluation])
     while True:
         try:
             return run_supernode(site, name, server=server, node_config=node_config, runtime_port=args.runtime_port,
@@ -319,6 +330,10 @@ def register(subparsers) -> None:
                    help="lifetime ε this site allows over all runs (kept in SITE_DIR/budget.toml)")
     p.add_argument("--budget-delta", type=float, metavar="D",
                    help="δ of the lifetime budget (default: each run's δ)")
+    p.add_argument("--evaluation", choices=EVALUATION_MODES, default=None,
+                   help="what this site sends of each round's evaluation on its held-out rows: dp (a private "
+                        "release, the default), local (nothing; metrics in its log) or clear (exact metrics, not "
+                        "covered by ε); kept in site.toml")
     p.add_argument("--explain-opt-out", dest="explain_opt_out", action="store_const", const=True,
                    help="send nothing for the federated explanation of the final model (kept in site.toml)")
     p.add_argument("--explain-opt-in", dest="explain_opt_out", action="store_const", const=False,

@@ -51,7 +51,7 @@ PUMP_DRAIN = 15.0  # seconds to wait for the last lines once the SuperNode has e
 
 def write_node_config(site: SiteDir, name: str, data: Path, test: Path | None, budget: SiteBudget,
                       *, explain_opt_out: bool = False, limits: dict[str, Any] | None = None,
-                      schema_sha256: str = "") -> Path:
+                      schema_sha256: str = "", evaluation: str = "dp") -> Path:
     """Write ``node_config.toml`` (a file: paths with spaces or quotes stay intact); returns its path.
 
     ``limits``: site.toml's ``[limits]`` (``max-rounds``, ..., ``data-loader``,
@@ -74,6 +74,7 @@ def write_node_config(site: SiteDir, name: str, data: Path, test: Path | None, b
         config["budget-delta"] = float(budget.delta)
     if explain_opt_out:
         config["explain-opt-out"] = True
+    config["evaluation"] = evaluation
     write_atomic(site.node_config_path, tomli_w.dumps(config))
     return site.node_config_path
 

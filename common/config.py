@@ -57,6 +57,9 @@ class RunConfig:
     sim_manifest: str = ""  # simulation only: JSON manifest of simulated sites
     round_timeout: float = 3600.0  # seconds to wait for replies in one round
     site_wait_timeout: float = 600.0  # seconds a round waits for min-sites connected sites, then the run stops
+    count_noise_multiplier: float = 20.0  # σ of each site's one DP count of its train/test rows (ε ≈ 0.17 alone)
+    eval_noise_multiplier: float = 0.0  # σ of each round's DP evaluation release; 0 = calibrated to the target (held-out side)
+    eval_loss_clip: float = 4.0  # L: one record's loss counts at most L in the DP evaluation (nats)
     explain: bool = True  # after training, sites release feature importances of the final model
     explain_noise_multiplier: float = 3.0  # σ of that release (DP runs; one Gaussian, ε ≈ 1.28 alone at δ=1e-5)
     explain_clip: float = 0.5  # L2 bound C on one record's |contribution| vector, probability points
@@ -83,6 +86,10 @@ class RunConfig:
         _positive(self, "round_timeout")
         _positive(self, "site_wait_timeout")
         _positive(self, "explain_noise_multiplier")
+        _positive(self, "count_noise_multiplier")
+        if self.eval_noise_multiplier < 0:
+            _fail("eval_noise_multiplier", "a number >= 0 (0 = calibrated to the run's target)", self.eval_noise_multiplier)
+        _positive(self, "eval_loss_clip")
         _positive(self, "explain_clip")
         if self.target_epsilon < 0:
             _fail("target_epsilon", "a number >= 0 (0 = use noise-multiplier)", self.target_epsilon)

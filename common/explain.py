@@ -275,13 +275,15 @@ def clip_rows(v: np.ndarray, clip: float) -> np.ndarray:
 
 
 def release_importance(explanation: Explanation, *, clip: float | None, noise_multiplier: float | None,
-                       rng: np.random.Generator | None = None) -> ImportanceRelease:
+                       rng: np.random.Generator | None = None, count: int | None = None) -> ImportanceRelease:
     """Mean |contribution| per original feature over the explained records.
 
     With ``clip`` and ``noise_multiplier`` set, the DP release of the module
-    docstring (sum of clipped rows + N(0, (σC)²) per feature, divided by n); with both
-    ``None``, the exact mean (non-private runs only). ``rng`` draws the noise; the
-    default seeds from the operating system, as it must outside tests.
+    docstring (sum of clipped rows + N(0, (σC)²) per feature, divided by ``count``: the
+    site's DP count of its held-out rows, ``common.releases``, never the exact n, which
+    would leave the site in the clear); with both ``None``, the exact mean (non-private
+    runs only). ``rng`` draws the noise; the default seeds from the operating system, as
+    it must outside tests.
     """
     v = np.abs(explanation.contributions)
     n = len(v)
@@ -296,9 +298,11 @@ def release_importance(explanation: Explanation, *, clip: float | None, noise_mu
         raise ValueError(f"clip and noise multiplier must be > 0 (got {clip}, {noise_multiplier})")
     rng = rng if rng is not None else np.random.default_rng()
     total = clip_rows(v, clip).sum(axis=0) + rng.normal(0.0, noise_multiplier * clip, size=v.shape[1])
-    return ImportanceRelease(explanation.features, total / n, n, clip, noise_multiplier)
+    public = max(1, int(count)) if count is not None else n
+    return ImportanceRelease(explanation.features, total / public, public, clip, noise_multiplier)
 
 
 def release_mechanism(*, round: int, noise_multiplier: float, run_id: str = "") -> MechanismRecord:
     """The release as the accountant sees it: a Gaussian mechanism = q = 1, one step."""
-    return MechanismRecord(round=round, noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1, run_id=run_id)
+    return MechanismRecord(round=round, noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1, run_id=run_id,
+                           kind="explanation")

@@ -4,9 +4,10 @@ Everything a site enforces, and everything it is shown, comes from here, so that
 a site is told is what it enforces:
 
 - :class:`RunPrivacy`, the run's privacy settings at one site (accountant, δ, target ε
-  or a fixed σ, rounds, the explanation release to reserve): :meth:`RunPrivacy.plan_sigma`
+  or a fixed σ, rounds, the releases besides training to reserve): :meth:`RunPrivacy.plan_sigma`
   fixes σ for the whole run at the site's first round, calibrated so that every planned
-  training round *plus* the explanation release meets the target;
+  training round *plus* every other release of the run (the DP row counts, a private
+  evaluation per round, the explanation: ``common.releases``) meets the target;
 - :class:`LifetimeBudget`, the site's own lifetime limit over every run (its setting,
   never the coordinator's): ε, the δ it is stated at, and :data:`LIFETIME_ACCOUNTANT`;
 - :class:`SiteLimits`, what a site allows a coordinator's run to ask of it (rounds, the
@@ -24,12 +25,14 @@ anything recorded or planned (a smaller δ gives a larger ε: the conservative c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import BudgetExceeded, ConfigError, RunRefused
-from .privacy import Accountant, MechanismRecord, calibrate_noise_multiplier, check_accountant, default_delta
+from .privacy import (RECORDS_OF, Accountant, MechanismRecord, calibrate_noise_multiplier, check_accountant,
+                      default_delta)
 
 __all__ = ["LIFETIME_ACCOUNTANT", "LifetimeBudget", "LifetimeSpent", "RunPrivacy", "SiteLimits", "check_release",
            "lifetime_spent"]
@@ -41,6 +44,7 @@ logger = logging.getLogger(__name__)
 # coordinator's setting.
 LIFETIME_ACCOUNTANT = "prv"
 _NO_RECORD_DELTA = 1e-5  # δ shown beside ε = 0 when nothing was ever recorded
+DEFAULT_EVAL_SIGMA = 10.0  # σ of a private evaluation that cannot be calibrated on its own side
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,11 @@ class RunPrivacy:
         rounds: training rounds the run plans.
         explain_noise_multiplier: σ of the explanation release that follows training,
             reserved inside the target; ``None`` = no release planned.
+        count_noise_multiplier: σ of the site's one DP count of its rows
+            (``common.releases``), reserved inside the target; ``None`` = none.
+        eval_noise_multiplier: σ of each round's DP evaluation release, reserved inside
+            the target for every round; ``None`` = no private evaluation (kept local, or
+            released in the clear and listed as unprotected).
     """
 
     accountant: str
@@ -65,23 +74,37 @@ class RunPrivacy:
     rounds: int
     explain_noise_multiplier: float | None = None
     site_max_epsilon: float | None = None  # the site's own limit on one run's ε (SiteLimits)
+    count_noise_multiplier: float | None = None
+    eval_noise_multiplier: float | None = None
+    split: str = ""  # how the site's records are split (SiteData.split): parallel composition when set
 
     def __post_init__(self) -> None:
         check_accountant(self.accountant)
 
     @classmethod
-    def from_config(cls, cfg, *, num_records: int, explain: bool, limits: SiteLimits | None = None) -> RunPrivacy:
+    def from_config(cls, cfg, *, num_records: int, explain: bool, limits: SiteLimits | None = None,
+                    evaluation: str = "dp", counts: bool = True, split: str = "") -> RunPrivacy:
         """From the run config ``cfg`` (a :class:`~candor.common.config.RunConfig`) for a
-        site with ``num_records`` training records; ``explain``: the site takes part
-        in the explanation release; ``limits``: the site's own limits."""
+        site with ``num_records`` training records (its DP count: δ must not encode the
+        exact one); ``explain``: the site takes part in the explanation release;
+        ``limits``: the site's own limits; ``evaluation``: the site's evaluation mode
+        (``"dp"`` is a private release every round); ``counts``: the site releases DP
+        row counts (the default; ``False`` for tools without a site, e.g. baselines)."""
         return cls(accountant=cfg.accountant, delta=cfg.target_delta or default_delta(num_records),
                    target_epsilon=cfg.target_epsilon, noise_multiplier=cfg.noise_multiplier,
                    rounds=cfg.num_server_rounds,
                    explain_noise_multiplier=cfg.explain_noise_multiplier if cfg.explain and explain else None,
-                   site_max_epsilon=limits.max_run_epsilon if limits is not None else None)
+                   site_max_epsilon=limits.max_run_epsilon if limits is not None else None,
+                   count_noise_multiplier=cfg.count_noise_multiplier if counts else None,
+                   eval_noise_multiplier=cfg.eval_noise_multiplier if evaluation == "dp" else None,
+                   split=split)
 
     def accountant_for(self, history: Sequence[MechanismRecord] = ()) -> Accountant:
         return Accountant(self.accountant, delta=self.delta, history=history)
+
+    def labelled(self, mechanism: MechanismRecord) -> MechanismRecord:
+        """``mechanism`` with the records its kind touches and this site's split rule."""
+        return dataclasses.replace(mechanism, records=RECORDS_OF[mechanism.kind], split=self.split)
 
     def explanation_reserve(self, *, round: int) -> list[MechanismRecord]:
         """The explanation release planned after training, as reserved in calibration:
@@ -92,26 +115,81 @@ class RunPrivacy:
             return []
         from .explain import release_mechanism
 
-        reserve = [release_mechanism(round=round, noise_multiplier=self.explain_noise_multiplier)]
+        reserve = [self.labelled(release_mechanism(round=round, noise_multiplier=self.explain_noise_multiplier))]
         if self.target_epsilon > 0 and self.accountant_for(reserve).epsilon() >= self.target_epsilon:
             logger.warning("the explanation release alone exceeds target ε %s; training uses the whole target "
                            "and the release will be refused", self.target_epsilon)
             return []
         return reserve
 
+    def release_reserve(self, run_history: Sequence[MechanismRecord]) -> list[MechanismRecord]:
+        """The run's releases other than training, as calibration reserves them: those
+        already recorded in ``run_history`` (the row counts), then those planned (one
+        evaluation per round not yet evaluated, the explanation)."""
+        from .releases import count_mechanism, evaluation_mechanism
+
+        done = [m for m in run_history if m.kind != "training"]
+        planned: list[MechanismRecord] = []
+        if self.count_noise_multiplier is not None and not any(m.kind == "row-count" for m in done):
+            planned.append(self.labelled(count_mechanism(round=1, noise_multiplier=self.count_noise_multiplier)))
+        if (eval_sigma := self.eval_sigma()) is not None:
+            evaluated = {m.round for m in done if m.kind == "evaluation"}
+            planned += [self.labelled(evaluation_mechanism(round=r, noise_multiplier=eval_sigma))
+                        for r in range(1, self.rounds + 1) if r not in evaluated]
+        if not any(m.kind == "explanation" for m in done):
+            planned += self.explanation_reserve(round=self.rounds + 1)
+        reserve = done + planned
+        if self.target_epsilon > 0 and reserve and self.accountant_for(reserve).epsilon() >= self.target_epsilon:
+            raise BudgetExceeded(
+                f"the run's releases besides training (row counts, {self.rounds} private evaluations, the "
+                f"explanation) alone cost ε {self.accountant_for(reserve).epsilon():.3f} >= the run's target "
+                f"{self.target_epsilon}; nothing would be left to train with. The coordinator can raise "
+                "target-epsilon, count-noise-multiplier or eval-noise-multiplier")
+        return reserve
+
+    def eval_sigma(self) -> float | None:
+        """σ of every private evaluation of the run (``None``: the site releases none).
+
+        ``eval-noise-multiplier`` when the run config sets it. Otherwise (0, the default)
+        calibrated: when the site's split lets the held-out records be composed apart from
+        the training records (:func:`~candor.common.privacy.sides`), the smallest σ such
+        that the held-out side (the row counts, one evaluation per round, the explanation)
+        meets the run's target on its own, the training side having the same target;
+        without a target, or without that split, :data:`DEFAULT_EVAL_SIGMA`.
+        """
+        if self.eval_noise_multiplier is None:
+            return None
+        if self.eval_noise_multiplier > 0:
+            return self.eval_noise_multiplier
+        if self.target_epsilon <= 0 or not self.split:
+            return DEFAULT_EVAL_SIGMA
+        from .releases import count_mechanism
+
+        counts = ([self.labelled(count_mechanism(round=1, noise_multiplier=self.count_noise_multiplier))]
+                  if self.count_noise_multiplier is not None else [])
+        if counts and (alone := self.accountant_for(counts).epsilon()) >= self.target_epsilon:
+            raise BudgetExceeded(f"the row counts alone (σ = {self.count_noise_multiplier:g}) cost ε {alone:.3f}, "
+                                 f"more than the run's target {self.target_epsilon:g}: nothing else would fit. The "
+                                 "coordinator can raise target-epsilon or count-noise-multiplier")
+        prior = [*counts, *self.explanation_reserve(round=self.rounds + 1)]
+        return calibrate_noise_multiplier(target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=1.0,
+                                          steps=self.rounds, prior=prior,
+                                          accountant=self.accountant, split=self.split, records="test")
+
     def plan_sigma(self, run_history: Sequence[MechanismRecord], *, sample_rate: float, steps_per_round: int) -> float:
-        """σ of the run at this site: the one fixed at its first round (read back from
-        ``run_history``), else calibrated so that :attr:`rounds` rounds of
-        ``steps_per_round`` steps at ``sample_rate`` plus the explanation reserve meet
-        the target, else the fixed :attr:`noise_multiplier`."""
-        if run_history:
-            return run_history[0].noise_multiplier
+        """σ of the run's training at this site: the one fixed at its first training round
+        (read back from ``run_history``), else calibrated so that :attr:`rounds` rounds of
+        ``steps_per_round`` steps at ``sample_rate`` plus every other release of the run
+        (:meth:`release_reserve`) meet the target, else the fixed :attr:`noise_multiplier`."""
+        training = [m for m in run_history if m.kind == "training"]
+        if training:
+            return training[0].noise_multiplier
         if self.target_epsilon <= 0:
             return self.noise_multiplier
         return calibrate_noise_multiplier(
             target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=sample_rate,
-            steps=steps_per_round * self.rounds, prior=self.explanation_reserve(round=self.rounds + 1),
-            accountant=self.accountant)
+            steps=steps_per_round * self.rounds, prior=self.release_reserve(run_history),
+            accountant=self.accountant, split=self.split)
 
 
 @dataclass(frozen=True)

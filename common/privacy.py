@@ -28,20 +28,34 @@ import numpy as np
 from .errors import ConfigError
 
 PRIVACY_UNIT = "one record"
+ADJACENCY = "add/remove one row of the site's table"
+#: What a mechanism released: DP-SGD training steps, or one Gaussian release of the
+#: held-out evaluation sums, the explanation, or the site's row counts (common.releases).
+KINDS = ("training", "evaluation", "explanation", "row-count")
+RECORDS = ("train", "test", "all")
+#: The records each kind of release touches: training the training rows, evaluation and
+#: the explanation the held-out rows, the row counts both (one coordinate each).
+RECORDS_OF = {"training": "train", "evaluation": "test", "explanation": "test", "row-count": "all"}
 PRIVACY_UNIT_LONG = "one record (one row of one site's table; add/remove adjacency)"
 ACCOUNTANTS = ("prv", "rdp")
 
 
 @dataclass(frozen=True)
 class MechanismRecord:
-    """One round of private training at one site.
+    """One private release at one site: a round of DP-SGD training, or one Gaussian
+    release (``sample_rate`` 1, one step) of another kind.
 
     Attributes:
-        round: server round (1-based) the steps belong to.
-        noise_multiplier: σ, noise std divided by the clipping norm (> 0).
+        round: server round (1-based) the release belongs to.
+        noise_multiplier: σ, noise std divided by the L2 sensitivity (the clipping norm) (> 0).
         sample_rate: Poisson inclusion probability q of each record, in (0, 1].
         steps: number of noisy gradient steps taken with these parameters (>= 0).
         run_id: the run the round belongs to ("" where not known).
+        kind: what was released, one of :data:`KINDS` (older records: ``"training"``).
+        records: whose records it touched: ``"train"`` (the training rows), ``"test"``
+            (the held-out rows) or ``"all"`` (both, or not known: older records).
+        split: how the site's records were split between the two (``SiteData.split``);
+            ``""`` = not by the record alone.
     """
 
     round: int
@@ -49,6 +63,9 @@ class MechanismRecord:
     sample_rate: float
     steps: int
     run_id: str = ""
+    kind: str = "training"
+    records: str = "all"
+    split: str = ""
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier > 0:
@@ -59,6 +76,10 @@ class MechanismRecord:
             raise ConfigError(f"sample rate must be in (0, 1] (got {self.sample_rate})")
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0 (got {self.steps})")
+        if self.kind not in KINDS:
+            raise ConfigError(f"a mechanism's kind is one of {', '.join(KINDS)} (got {self.kind!r})")
+        if self.records not in RECORDS:
+            raise ConfigError(f"a mechanism's records are one of {', '.join(RECORDS)} (got {self.records!r})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +92,9 @@ class MechanismRecord:
             sample_rate=float(d["sample_rate"]),
             steps=int(d["steps"]),
             run_id=str(d.get("run_id", "")),
+            kind=str(d.get("kind", "training")),
+            records=str(d.get("records", "all")),
+            split=str(d.get("split", "")),
         )
 
 
@@ -107,15 +131,35 @@ def _epsilon(triples: tuple[tuple[float, float, int], ...], delta: float, accoun
         return float(acc.get_epsilon(delta=delta))
 
 
+def sides(history: Sequence[MechanismRecord]) -> list[list[MechanismRecord]]:
+    """The compositions whose largest ε is the guarantee of ``history`` (parallel composition).
+
+    When every release that touched only one split (``records`` "train" or "test") was
+    made under one split rule that decides each record's split by the record alone
+    (``split`` non-empty, the same for all), a record is in exactly one split: adding or
+    removing it changes only the releases of its split (and those of both, "all"). Its
+    privacy loss is then that of the training side (train + all) or of the held-out side
+    (test + all), never both (McSherry 2009, "Privacy Integrated Queries", parallel
+    composition; adaptively chosen releases included). Otherwise, e.g. runs that split
+    differently, every release is composed with every other: an upper bound in all cases.
+    """
+    history = list(history)
+    splits = {m.split for m in history if m.records != "all"}
+    if len(splits) != 1 or "" in splits:
+        return [history]
+    return [[m for m in history if m.records in ("train", "all")], [m for m in history if m.records in ("test", "all")]]
+
+
 def epsilon(history: Sequence[MechanismRecord], *, delta: float, accountant: str = "prv") -> float:
-    """Cumulative ε of the whole ``history`` at ``delta`` (0 for an empty history).
+    """The ε of the whole ``history`` at ``delta`` (0 for an empty history): the largest
+    ε of its :func:`sides`, each composed by the accountant.
 
     Results are cached: many simulated sites share the same parameters.
     """
     check_accountant(accountant)
     if not 0 < delta < 1:
         raise ConfigError(f"delta must be in (0, 1) (got {delta})")
-    return _epsilon(_compress(history), float(delta), accountant)
+    return max(_epsilon(_compress(side), float(delta), accountant) for side in sides(history))
 
 
 def check_accountant(name: str) -> str:
@@ -149,9 +193,13 @@ def calibrate_noise_multiplier(
     prior: Sequence[MechanismRecord] = (),
     accountant: str = "prv",
     tolerance: float = 0.01,
+    split: str = "",
+    records: str = "train",
 ) -> float:
     """Smallest σ (to ``tolerance`` in ε) such that ``prior`` + ``steps`` steps at
-    (σ, ``sample_rate``) stays at or below ``target_epsilon`` at ``delta``.
+    (σ, ``sample_rate``) stays at or below ``target_epsilon`` at ``delta``. The planned
+    steps are releases of ``records`` (default the training rows) under the site's
+    ``split`` rule.
 
     Bisection on the accountant's own ε, so the result is a guarantee under that
     accountant, not an estimate: the returned σ always satisfies ε <= target.
@@ -165,14 +213,18 @@ def calibrate_noise_multiplier(
     prior = tuple(prior)
 
     def eps_at(sigma: float) -> float:
-        planned = MechanismRecord(round=0, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
-        return epsilon(prior + (planned,), delta=delta, accountant=accountant)
+        # the side(s) the planned steps belong to: another side's spending does not move with σ
+        planned = MechanismRecord(round=0, noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
+                                  records=records, split=split)
+        history = prior + (planned,)
+        return max(epsilon(side, delta=delta, accountant=accountant)
+                   for side in sides(history) if any(m is planned for m in side))
 
     spent = epsilon(prior, delta=delta, accountant=accountant)
     if spent >= target_epsilon:
         raise ConfigError(
-            f"the site has already spent ε = {spent:.3f} of a target of {target_epsilon}; "
-            "no further private training fits in it"
+            f"the site's other releases in this run (spent or planned) already cost ε = {spent:.3f} of the "
+            f"run's target of {target_epsilon}; nothing more fits in it: the coordinator can raise target-epsilon"
         )
     lo, hi = 0.0, 1.0
     while eps_at(hi) > target_epsilon:

@@ -60,3 +60,19 @@ def unconfirmed_text(site_privacy: dict) -> str:
         return ""
     return (f"; rounds {', '.join(map(str, rounds))} unconfirmed (no reply): up to ε = "
             f"{site_privacy['epsilon_if_unconfirmed_spent']:.3f} if the site spent them, as its ledger will show")
+
+
+def site_privacy_line(site: str, p: dict) -> str:
+    """One site's line in the commands' summaries, from its privacy.json entry: ε, δ, the
+    training mechanism, every other release, what left in the clear."""
+    history = p.get("history", [])
+    training = [h for h in history if h.get("kind", "training") == "training"]
+    first = training[0] if training else {}
+    others = [r for r in p.get("releases", []) if r["kind"] != "training"]
+    extra = "".join(f" + {r['releases']} {r['kind']} (σ = {', '.join(f'{x:.2f}' for x in r['noise_multiplier'])})"
+                    if r.get("noise_multiplier") else f" + {r['kind']} IN THE CLEAR" for r in others)
+    clear = p.get("unprotected") or []
+    return (f"  {site:<16} ε = {p['epsilon']:.3f}  δ = {p['delta']:g}  ({p['accountant'].upper()}; "
+            f"{len(training)} rounds of {sum(h['steps'] for h in training) // max(len(training), 1)} steps, "
+            f"σ = {first.get('noise_multiplier', 0):.3f}, q = {first.get('sample_rate', 0):.4f}{extra})"
+            + (f"; NOT covered by ε: {', '.join(clear)}" if clear else "") + unconfirmed_text(p))

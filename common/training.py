@@ -4,10 +4,10 @@ and benchmarks. No Flower import.
 Tabular fast path: a site's split is two tensors, and every batch is one indexing of
 them, never B ``__getitem__`` calls plus a collate. Non-private training needs no
 DataLoader at all (:class:`ShuffledBatches`: one seeded permutation per pass, cut into
-contiguous slices). Private training hands a DataLoader over :class:`BatchDataset`
-(``__getitems__`` plus an identity collate) to Opacus, whose ``DPDataLoader`` replaces
-its sampler with Poisson sampling (each row included independently with probability
-q), which is what the accountant assumes.
+contiguous slices). Private training hands Opacus a ``DPDataLoader`` over
+:class:`BatchDataset` (``__getitems__`` plus an identity collate) built with the q the
+site accounts for: Poisson sampling, each row included independently with probability
+q, which is what the accountant assumes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .errors import ConfigError
 
@@ -122,6 +122,7 @@ class LocalTraining:
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "hooks"
+    sample_rate: float | None = None  # private only: Poisson q; None = batch_size / n (the exact n)
 
     def __post_init__(self) -> None:
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
@@ -167,12 +168,12 @@ def train(
     """Train ``model`` in place for ``settings.steps`` steps on ``data``.
 
     With ``settings.noise_multiplier`` set, this is DP-SGD (Abadi et al. 2016) through
-    Opacus: Poisson sampling at q = batch_size / n, per-sample clipping to
+    Opacus: Poisson sampling at q (``settings.sample_rate``, default batch_size / n), per-sample clipping to
     ``max_grad_norm``, Gaussian noise σ·C. The caller accounts for exactly
     (σ, q, ``TrainResult.steps``): this function takes precisely that many noisy steps.
     """
     n = len(data)
-    q = sample_rate(n, settings.batch_size)
+    q = settings.sample_rate or sample_rate(n, settings.batch_size)
     criterion = loss_function(num_outputs)
     global_params = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else None
     params = list(model.parameters())
@@ -186,10 +187,11 @@ def train(
         train_model = model
     else:
         from opacus import PrivacyEngine  # imported lazily: it reconfigures logging
+        from opacus.data_loader import DPDataLoader
 
-        # Opacus' DPDataLoader keeps this loader's generator for its Poisson sampler.
-        loader = DataLoader(BatchDataset(data), batch_size=settings.batch_size, collate_fn=_identity,
-                            generator=generator)
+        # Poisson sampling at exactly the q the site accounts for. (make_private's own
+        # conversion would sample at 1 / ceil(n / B), which is not B / n.)
+        loader = DPDataLoader(BatchDataset(data), sample_rate=q, collate_fn=_identity, generator=generator)
         ghost = settings.grad_sample_mode == "ghost"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # secure_mode advisory, see docs/privacy.md
@@ -199,7 +201,7 @@ def train(
                 data_loader=loader,
                 noise_multiplier=settings.noise_multiplier,
                 max_grad_norm=settings.max_grad_norm,
-                poisson_sampling=True,
+                poisson_sampling=False,  # the loader above already samples (Poisson, at q)
                 noise_generator=generator,
                 grad_sample_mode=settings.grad_sample_mode,
                 **({"criterion": criterion} if ghost else {}),

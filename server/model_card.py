@@ -21,6 +21,7 @@ from typing import Any
 
 from candor.common.atomic import write_atomic, write_json_atomic
 from candor.common.config import RunConfig
+from candor.common.privacy import MechanismRecord, epsilon
 from candor.common.hashing import sha256_file
 
 from .audit import AuditLog
@@ -38,11 +39,13 @@ def row_counts_public(cfg: RunConfig) -> bool:
 
 
 def _site_privacy(p: dict[str, Any]) -> dict[str, Any]:
-    release_rounds = {r["round"] for r in p.get("releases", [])}
-    training = [h for h in p.get("history", []) if h["round"] not in release_rounds]
+    training = [h for h in p.get("history", []) if h.get("kind", "training") == "training"]
     return {
         "epsilon": p["epsilon"],
-        "epsilon_training": p.get("epsilon_training", p["epsilon"]),
+        "epsilon_training": epsilon([MechanismRecord(**h) for h in training], delta=p["delta"],
+                                    accountant=p["accountant"]),
+        "adjacency": p.get("adjacency"),
+        "unprotected": p.get("unprotected", []),
         "delta": p["delta"],
         "accountant": p["accountant"],
         "privacy_unit": p.get("privacy_unit"),
@@ -134,9 +137,16 @@ def _limitations(cfg: RunConfig, privacy: dict[str, Any], rejected: list[dict[st
     out = [
         "Evaluated only on the participating sites' held-out splits; no external validation.",
         "Sites differ in size and population; small sites' metrics are noisy.",
-        "Row counts and evaluation metrics were sent to the coordinator in the clear; a site's sample "
-        "rate (batch size / rows) also discloses its row count.",
     ]
+    clear = sorted(s for s, p in privacy.get("sites", {}).items() if p.get("unprotected"))
+    if not cfg.dp:
+        out.append("Row counts and evaluation metrics were sent to the coordinator in the clear.")
+    elif clear:
+        out.append(f"Sites {', '.join(clear)} sent their evaluation metrics in the clear (their choice); those "
+                   "held-out records are not covered by the ε stated for them.")
+    else:
+        out.append("Evaluation metrics and row counts are differentially private releases (noisy sums and "
+                   "counts, in each site's ε): per-round metrics carry that noise, most on small sites.")
     if cfg.dp:
         out.append("Differential privacy protects one record at one site; a person with several records, "
                    "or records at several sites, is protected correspondingly less (group privacy).")
@@ -186,12 +196,17 @@ def render_markdown(card: dict[str, Any]) -> str:
         "### Privacy", "",
     ]
     if p["dp"]:
+        unprotected = sorted({k for s in p["sites"].values() for k in s.get("unprotected", [])})
         lines += [f"Privacy unit: {p['privacy_unit']}. ε is cumulative over the whole run, for every release "
-                  "listed.", "",
+                  "listed: training, the row counts, each round's evaluation, the explanation. "
+                  + (f"Released in the clear at some site (not covered by its ε): {', '.join(unprotected)}."
+                     if unprotected else "Nothing left any site in the clear."), "",
                   "| site | ε | δ | accountant | noise multiplier σ | sample rate q | steps | other releases |",
                   "|---|---|---|---|---|---|---|---|"]
         for site, s in sorted(p["sites"].items()):
-            releases = ", ".join(f"{r['what']} (σ = {_fmt(r['noise_multiplier'])})" for r in s["releases"]) or "-"
+            releases = ", ".join(f"{r['kind']} ({r['releases']} x σ = {_fmt(r['noise_multiplier'])})"
+                                 if r.get("noise_multiplier") else f"{r['kind']} (IN THE CLEAR)"
+                                 for r in s["releases"] if r["kind"] != "training") or "-"
             lines.append(f"| {site} | {_fmt(s['epsilon'])} | {_fmt(s['delta'])} | {s['accountant']} | "
                          f"{_fmt(s['noise_multiplier'])} | {_fmt(s['sample_rate'])} | {s['steps']} | {releases} |")
     else:

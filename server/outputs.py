@@ -27,11 +27,29 @@ from candor.common.atomic import json_safe, write_atomic, write_json_atomic
 from candor.common.config import RunConfig
 from candor.common.errors import CHARGED_CODE, REFUSAL_CODE
 from candor.common.model_file import MODEL_FILE, ModelFile
-from candor.common.privacy import PRIVACY_UNIT, MechanismRecord, epsilon
+from candor.common.privacy import ADJACENCY, KINDS, PRIVACY_UNIT, MechanismRecord, epsilon
+from candor.common.releases import EvaluationSums
 from candor.common.progress import PROGRESS
 from candor.common.schema import Schema
 
 logger = logging.getLogger(__name__)
+
+
+_ORDER = ("row-count", "training", "evaluation", "explanation")  # a round's releases in the order they are made
+_MECHANISMS = {
+    "training": "DP-SGD: Poisson-subsampled Gaussian, per-record clipping (Abadi et al. 2016)",
+    "evaluation": "Gaussian on the held-out sums of clipped loss and correct predictions (common/releases.py)",
+    "explanation": "Gaussian on the sum of clipped per-record |contribution| vectors (common/explain.py)",
+    "row-count": "Gaussian on the training and held-out row counts (common/releases.py)",
+}
+
+
+def evaluation_sums(metrics: dict[str, Any]) -> EvaluationSums | None:
+    """The DP evaluation sums a site's evaluation reply carries, or ``None`` (in the clear)."""
+    if "dp-loss-sum" not in metrics:
+        return None
+    return EvaluationSums(loss_sum=float(metrics["dp-loss-sum"]), correct_sum=float(metrics["dp-correct-sum"]),
+                          count=int(metrics["num-examples"]), loss_clip=float(metrics["dp-loss-clip"]))
 
 
 def site_of(msg: Message) -> str:
@@ -53,6 +71,7 @@ class RunRecorder:
         self._asked: dict[int, set[int]] = {}  # round -> nodes asked to train
         self._answered: dict[int, set[int]] = {}  # round -> nodes that trained or refused (a known outcome)
         self._node_of: dict[str, int] = {}  # site -> its node id
+        self._evaluation: dict[str, str] = {}  # site -> what it releases of its evaluation (dp, local, clear)
         write_json_atomic(self.dir / "config.json", {
             "run_id": run_id,
             "run_config": cfg.replace(resume=False).to_run_config(),
@@ -96,25 +115,56 @@ class RunRecorder:
             if not math.isclose(recomputed, float(metrics["epsilon"]), rel_tol=1e-6, abs_tol=1e-9):
                 logger.warning("%s site %s reported ε = %.4f; its history gives %.4f (reporting the latter)",
                                PROGRESS, site, metrics["epsilon"], recomputed)
-            self.privacy[site] = {
-                "epsilon": recomputed,
+            p = self.privacy.setdefault(site, {"history": []})
+            p.update({
                 "epsilon_reported": float(metrics["epsilon"]),
                 "delta": delta,
                 "accountant": accountant,
                 "privacy_unit": PRIVACY_UNIT,
                 "noise_seed": str(ident.get("noise-seed", "unknown")),
                 "max_grad_norm": self.cfg.max_grad_norm,
-                "num_examples": int(metrics["num-examples"]),
-                "history": [{k: v for k, v in h.to_dict().items() if k != "run_id"} for h in history],
-            }
+                "num_examples": int(metrics["num-examples"]),  # the site's DP count of its training rows
+            })
+            self._merge(site, history)
+        if "evaluation" in ident:
+            self._evaluation[site] = str(ident["evaluation"])
+
+    def _merge(self, site: str, mechanisms: list[MechanismRecord]) -> float:
+        """Add ``mechanisms`` to ``site``'s history (one entry per release: kind and round),
+        and recompute its ε from the whole history. Returns it."""
+        p = self.privacy[site]
+        known = {(h.get("kind", "training"), h["round"]) for h in p["history"]}
+        for m in mechanisms:
+            if (m.kind, m.round) not in known:
+                p["history"].append({k: v for k, v in m.to_dict().items() if k != "run_id"})
+                known.add((m.kind, m.round))
+        p["history"].sort(key=lambda h: (h["round"], _ORDER.index(h.get("kind", "training"))))
+        p["epsilon"] = epsilon([MechanismRecord(**h) for h in p["history"]], delta=p["delta"],
+                               accountant=p["accountant"])
+        return p["epsilon"]
 
     def evaluate_reply(self, server_round: int, msg: Message) -> None:
         if msg.has_error():
             logger.warning("%s round %d: a site did not evaluate: %s", PROGRESS, server_round, msg.error.reason)
             return
         site = site_of(msg)
-        m = dict(next(iter(msg.content.metric_records.values())))
-        m["num_examples"] = int(m.pop("num-examples"))
+        ident = msg.content.config_records.get("candor", {})
+        if "evaluation" in ident:
+            self._evaluation[site] = str(ident["evaluation"])
+        m = dict(next(iter(msg.content.metric_records.values()), {}))
+        if not m:  # the site keeps its evaluation local
+            self._round(server_round)["sites"][site] = {"release": "local"}
+            return
+        sums = evaluation_sums(m)
+        if sums is not None:  # a DP release: the site's noisy sums, recorded with its mechanism
+            m = {**sums.metrics(), "num_examples": sums.count, "release": "dp"}
+            if "mechanism" in ident and site in self.privacy:
+                self._merge(site, [MechanismRecord.from_dict(json.loads(str(ident["mechanism"])))])
+                if "epsilon" in ident:
+                    self.privacy[site]["epsilon_reported"] = float(ident["epsilon"])
+        else:
+            m["num_examples"] = int(m.pop("num-examples"))
+            m["release"] = "clear"
         self._round(server_round)["sites"][site] = m
 
     def rejected(self, server_round: int, site: str, reason: str) -> None:
@@ -126,19 +176,14 @@ class RunRecorder:
 
     def record_release(self, site: str, mechanism: MechanismRecord, *, what: str, delta: float,
                        accountant: str, epsilon_reported: float | None = None) -> float:
-        """Append a private release other than training (e.g. ``what="explanation"``) to
+        """Add a private release other than training and evaluation (the explanation) to
         ``site``'s history; ``epsilon`` becomes the total, recomputed. Returns it."""
         p = self.privacy.setdefault(site, {"epsilon": 0.0, "delta": delta, "accountant": accountant,
                                            "privacy_unit": PRIVACY_UNIT, "history": []})
-        p.setdefault("epsilon_training", p["epsilon"])
-        p["history"].append({k: v for k, v in mechanism.to_dict().items() if k != "run_id"})
-        p["epsilon"] = epsilon([MechanismRecord(**h) for h in p["history"]], delta=p["delta"],
-                               accountant=p["accountant"])
-        p.setdefault("releases", []).append({"what": what, "round": mechanism.round,
-                                             "noise_multiplier": mechanism.noise_multiplier})
+        p.setdefault("epsilon_before_" + what, p["epsilon"])
         if epsilon_reported is not None:
             p["epsilon_reported"] = epsilon_reported
-        return p["epsilon"]
+        return self._merge(site, [mechanism])
 
     # --- checkpoint hook (strategy.start's evaluate_fn) -----------------------
     def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
@@ -172,7 +217,7 @@ class RunRecorder:
 
     def _site_privacy(self, site: str, p: dict[str, Any]) -> dict[str, Any]:
         unconfirmed = self._unconfirmed(site, p)
-        training = [h for h in p.get("history", []) if h["round"] not in {r["round"] for r in p.get("releases", [])}]
+        training = [h for h in p.get("history", []) if h.get("kind", "training") == "training"]
         lost = [h["round"] for h in training if site not in self.rounds.get(h["round"], {}).get("train", {})]
         if lost:  # in the site's history (spent), but its update never reached the coordinator
             p = {**p, "charged_without_update": lost,
@@ -196,8 +241,25 @@ class RunRecorder:
             "target_epsilon": self.cfg.target_epsilon if self.cfg.dp else None,
             "note": "epsilon is the cumulative guarantee over every round of this run listed in "
                     "history, recomputed by the coordinator from that history",
-            "sites": {site: self._site_privacy(site, p) for site, p in sorted(self.privacy.items())},
+            "sites": {site: {**self._site_privacy(site, p), **self._coverage(site, p)}
+                      for site, p in sorted(self.privacy.items())},
         }
+
+    def _coverage(self, site: str, p: dict[str, Any]) -> dict[str, Any]:
+        """What left ``site`` and what covered it: the adjacency, one entry per kind of
+        release with its mechanism, and the kinds released in the clear."""
+        history = p.get("history", [])
+        releases = []
+        for kind in KINDS:
+            mine = [h for h in history if h.get("kind", "training") == kind]
+            if mine:
+                releases.append({"kind": kind, "mechanism": _MECHANISMS[kind], "releases": len(mine),
+                                 "noise_multiplier": sorted({h["noise_multiplier"] for h in mine})})
+        mode = self._evaluation.get(site, "dp")
+        if mode == "clear":
+            releases.append({"kind": "evaluation", "mechanism": "none"})
+        return {"adjacency": ADJACENCY, "evaluation": mode, "releases": releases,
+                "unprotected": ["evaluation"] if mode == "clear" else []}
 
     def write_tables(self) -> None:
         write_json_atomic(self.dir / "metrics.json", self.metrics_doc())
@@ -223,6 +285,7 @@ class RunRecorder:
         name = {node: site for site, node in self._node_of.items()}
         named = lambda nodes: sorted(str(name.get(n, n)) for n in nodes)  # noqa: E731
         return {"rounds": {str(r): e for r, e in self.rounds.items()}, "privacy": self.privacy,
+                "evaluation": self._evaluation,
                 "asked": {str(r): named(v) for r, v in self._asked.items()},
                 "answered": {str(r): named(v) for r, v in self._answered.items()}}
 
@@ -230,6 +293,7 @@ class RunRecorder:
         """Restore :meth:`state_dict`, keeping rounds up to ``through_round``."""
         self.rounds = {int(r): e for r, e in state["rounds"].items() if int(r) <= through_round}
         self.privacy = state["privacy"]
+        self._evaluation = dict(state.get("evaluation", {}))
         self._asked = {int(r): set(v) for r, v in state["asked"].items() if int(r) <= through_round}
         self._answered = {int(r): set(v) for r, v in state["answered"].items() if int(r) <= through_round}
 

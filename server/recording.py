@@ -18,7 +18,9 @@ from flwr.serverapp.strategy import Strategy
 
 from candor.common.errors import RunFailed
 
-from .outputs import RunRecorder, site_of
+from candor.common.releases import EvaluationSums, evaluation_from_sums
+
+from .outputs import RunRecorder, evaluation_sums, site_of
 from .wrapper import StrategyWrapper
 
 __all__ = ["RecordingStrategy"]
@@ -56,10 +58,25 @@ class RecordingStrategy(StrategyWrapper):
         return super().aggregate_train(server_round, trained)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Record every evaluation reply and aggregate them. Sites that release their
+        evaluation privately send noisy sums (``common.releases``): the aggregate is then
+        the sum of every site's sums over the sum of their noisy counts (sites sending
+        exact metrics count as exact sums), computed here, not by the inner strategy's
+        weighted mean of per-site ratios; AUROC only when every site sent it in the clear.
+        Sites that keep their evaluation local send nothing and are left out."""
         replies = list(replies)
         for msg in replies:
             self.recorder.evaluate_reply(server_round, msg)
-        aggregate = super().aggregate_evaluate(server_round, _in_site_order(replies))
+        released = [m for m in _in_site_order(replies) if len(next(iter(m.content.metric_records.values()), {}))]
+        metrics = [dict(next(iter(m.content.metric_records.values()))) for m in released]
+        if metrics and all(evaluation_sums(m) is None for m in metrics):
+            aggregate = super().aggregate_evaluate(server_round, released)
+        else:
+            sums = [evaluation_sums(m) or EvaluationSums(loss_sum=m["loss"] * m["num-examples"],
+                                                         correct_sum=m["accuracy"] * m["num-examples"],
+                                                         count=int(m["num-examples"]), loss_clip=1.0)
+                    for m in metrics]
+            aggregate = MetricRecord(evaluation_from_sums(sums)) if sums else None
         self.recorder.evaluate_aggregate(server_round, aggregate)
         return aggregate
 

@@ -26,7 +26,7 @@ from candor.common.commands import add_command, add_config_option, add_verbose_o
 from candor.common.config import RunConfig, merge_overrides, stall_limit
 from candor.common.errors import ConfigError, FederationError, Terminated
 from candor.common.processes import APP_DIR, ProcessTimeout, RunStalled, flower_bin, run_status, stream_flwr_run, wait_until
-from candor.common.progress import ProgressPrinter, unconfirmed_text
+from candor.common.progress import ProgressPrinter, site_privacy_line
 
 from . import superlink
 from .checkpoint import CHECKPOINT
@@ -191,8 +191,7 @@ def _summary(out: Path, run_id: int, status: str, seconds: float) -> None:
         print("Final held-out metrics (example-weighted over sites): " +
               ", ".join(f"{k} {v:.3f}" for k, v in last["aggregate"].items() if isinstance(v, (int, float))))
     for site, p in sorted(privacy.get("sites", {}).items()):
-        print(f"  {site:<20} ε = {p['epsilon']:.3f} for this run (δ = {p['delta']:g}, {p['accountant'].upper()}, "
-              f"{len(p['history'])} rounds){unconfirmed_text(p)}")
+        print(site_privacy_line(site, p))
     print(f"Outputs: {out}")
 
 

@@ -67,7 +67,7 @@ from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from candor.common.atomic import write_json_atomic
@@ -75,6 +75,7 @@ from candor.common.config import RunConfig
 from candor.common.errors import CandorError, message
 from candor.common.hashing import hash_arrays
 
+from .fedadam import FedAdam
 from .wrapper import StrategyWrapper
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ WEIGHT_KEY = "num-examples"  # the clear weight every site reports
 CLIPPED_KEY = "secagg-clipped"  # coordinates a site had to clip to the clipping range
 RECORD_FILE = "secure_aggregation.json"  # the per-round record, in the run directory
 MIN_SITES = 3  # with 2 sites in a sum, each could subtract its own update from it
-MEAN_STRATEGIES = (FedAvg, FedProx, FedAdam)  # their aggregate is FedAvg's weighted mean (then a server step)
+MEAN_STRATEGIES = (FedAvg, FedProx, FedAdam)  # FedAdam: Candor's (server/fedadam.py); their aggregate is FedAvg's weighted mean (then a server step)
 
 
 class SecureAggregationError(CandorError):

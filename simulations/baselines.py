@@ -40,7 +40,7 @@ def pooled(schema: Schema, sites: list[SimSite], cfg: RunConfig) -> dict:
     privacy = None
     if cfg.dp:
         # The pool is one "site" training one long round: the same policy as a site's.
-        run = dataclasses.replace(RunPrivacy.from_config(cfg, num_records=n, explain=False), rounds=1)
+        run = dataclasses.replace(RunPrivacy.from_config(cfg, num_records=n, explain=False, evaluation="local", counts=False), rounds=1)
         q = sample_rate(n, cfg.batch_size)
         sigma = run.plan_sigma([], sample_rate=q, steps_per_round=steps)
         settings = dataclasses.replace(settings, noise_multiplier=sigma)

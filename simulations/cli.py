@@ -18,7 +18,7 @@ from pathlib import Path
 from candor.common.commands import add_config_option, add_verbose_option
 from candor.common.config import RunConfig, merge_overrides, stall_limit
 from candor.common.errors import CandorError, ConfigError, run_command
-from candor.common.progress import ProgressPrinter, unconfirmed_text
+from candor.common.progress import ProgressPrinter, site_privacy_line
 
 
 def _prepare(args: argparse.Namespace, out: Path):
@@ -109,7 +109,7 @@ def _new_run(args: argparse.Namespace) -> tuple[Path, dict, int]:
     cfg = RunConfig.from_run_config(overrides)
     _check_satisfiable(cfg, len(sites))
     check_sites(sites, schema, min_rows=cfg.min_rows)
-    overrides["sim-manifest"] = str(write_manifest(sites, out))
+    overrides["sim-manifest"] = str(write_manifest(sites, out, evaluation=args.evaluation))
     print(f"Candor simulation: {len(sites)} sites ({', '.join(s.name for s in sites)}), "
           f"{cfg.num_server_rounds} rounds, " + (
               f"DP on, target ε = {cfg.target_epsilon} per site for the whole run" if cfg.dp and cfg.target_epsilon
@@ -129,14 +129,7 @@ def _summary(out: Path, seconds: float) -> None:
     if privacy["sites"]:
         print(f"Privacy spent per site (privacy unit: {privacy['privacy_unit']}):")
         for site, p in sorted(privacy["sites"].items()):
-            releases = {(r["round"]) for r in p.get("releases", [])}
-            training = [h for h in p["history"] if h["round"] not in releases]
-            first = training[0] if training else {}
-            extra = "".join(f" + {r['what']} release (σ = {r['noise_multiplier']:.2f})" for r in p.get("releases", []))
-            print(f"  {site:<16} ε = {p['epsilon']:.3f}  δ = {p['delta']:g}  ({p['accountant'].upper()}; "
-                  f"{len(training)} rounds of {sum(h['steps'] for h in training) // max(len(training), 1)} steps, "
-                  f"σ = {first.get('noise_multiplier', 0):.3f}, q = {first.get('sample_rate', 0):.4f}{extra})"
-                  f"{unconfirmed_text(p)}")
+            print(site_privacy_line(site, p))
     else:
         print("DP was off: the model carries no privacy guarantee.")
     print(f"Outputs: {out}  (metrics.json, metrics.csv, privacy.json, model.pt, progress.png, flower.log)")
@@ -195,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="simulate a federated run (the default command)")
     _data_options(run)
     add_verbose_option(run, help="show Flower's whole log")
+    run.add_argument("--evaluation", choices=("dp", "local", "clear"), default="dp",
+                     help="what each simulated site releases of its evaluation: dp (private, the default, as a "
+                          "deployed site), local (nothing) or clear (exact metrics, listed as unprotected)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue the interrupted run in RUN_DIR from its last complete round (same data and "
                           "run config; sites charge the rounds they already trained once)")

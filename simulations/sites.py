@@ -53,10 +53,13 @@ def check_sites(sites: list[SimSite], schema: Schema, *, min_rows: int) -> None:
         raise DataValidationError(problems)
 
 
-def write_manifest(sites: list[SimSite], out_dir: Path) -> Path:
+def write_manifest(sites: list[SimSite], out_dir: Path, *, evaluation: str = "dp") -> Path:
+    """``out_dir/sites.json``; ``evaluation``: what every simulated site releases of its
+    evaluation (client/site.py: dp, local, clear)."""
     entries = []
     for site in sites:
-        entry = {"name": site.name, "data": str(site.data), "ledger": str(out_dir / "ledgers" / f"{site.name}.json")}
+        entry = {"name": site.name, "data": str(site.data), "ledger": str(out_dir / "ledgers" / f"{site.name}.json"),
+                 "evaluation": evaluation}
         if site.test:
             entry["test"] = str(site.test)
         if site.budget_epsilon:

@@ -59,7 +59,7 @@ def test_calibration_accounts_for_prior_spending():
 
 def test_unreachable_target_is_a_clear_error():
     prior = [MechanismRecord(round=1, noise_multiplier=0.5, sample_rate=1.0, steps=100)]
-    with pytest.raises(ConfigError, match="already spent"):
+    with pytest.raises(ConfigError, match="already cost"):
         calibrate_noise_multiplier(target_epsilon=1.0, delta=1e-5, sample_rate=0.1, steps=10, prior=prior)
 
 

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dp_accounting
+from independent_accounting import pld_epsilon  # noqa: F401  (re-exported for the deployment tests)
 
 from candor.common.processes import pid_alive, stop_group, stop_pid_group, wait_until
 
@@ -36,14 +36,6 @@ BUDGET = 2.8  # h4's lifetime ε: above its round-1 ε (about 2.1), below rounds
 DELTA = 1e-5
 RUN_CONFIG = ["-c", "model=logreg", "-c", "num-server-rounds=2", "-c", f"target-epsilon={TARGET}",
               "-c", f"target-delta={DELTA}", "-c", "round-timeout=300", "-c", "min-sites=4", "-c", "explain=false"]
-
-
-def pld_epsilon(mechanisms: list[dict], delta: float) -> float:
-    """ε of (σ, q, steps) mechanisms composed, by dp-accounting's PLD accountant (not our code)."""
-    events = [dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
-        m["sample_rate"], dp_accounting.GaussianDpEvent(m["noise_multiplier"])), m["steps"]) for m in mechanisms]
-    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
-    return accountant.compose(dp_accounting.ComposedDpEvent(events)).get_epsilon(delta)
 
 
 def cli(main, *args: str) -> tuple[int, str, str]:

@@ -190,8 +190,12 @@ def test_after_approval_one_site_runs_the_app_and_the_other_still_refuses(fed, t
     assert not (fed.sites[other] / MARKER).exists()
     assert f"site '{other}' refuses app sha256 {sha}" in output, output[-4000:]
     assert f"site '{approver}' refuses app" not in output
-    # It trained without noise, so it charged nothing to the ledger; the refusing site neither.
-    assert {name: _site_state(fed.sites[name])["ledger.json"] for name in SITES} == ledgers_before
+    # It trained without noise, so it charged no training round; the evaluation it took from Candor's
+    # ClientApp is a private release, charged with the site's row counts. The refusing site charged nothing.
+    assert _site_state(fed.sites[other])["ledger.json"] == ledgers_before[other]
+    added = json.loads(_site_state(fed.sites[approver])["ledger.json"])["entries"][
+        len(json.loads(ledgers_before[approver] or b'{"entries": []}')["entries"]):]
+    assert [e["kind"] for e in added] == ["row-count", "evaluation"]
     receipts = [json.loads(line) for line in (fed.sites[approver] / "receipts.jsonl").read_text().splitlines()]
     assert receipts and all(r["app_sha256"] == sha for r in receipts)  # what handled each message
     log = (fed.sites[approver] / "logs" / "supernode.log").read_text()

@@ -52,7 +52,7 @@ TRAINER = textwrap.dedent("""
     def serve_rounds(log):
         ledger = Ledger(site_dir + "/ledger.json", site="h1")
         while True:
-            r = len(ledger.entries()) + 1  # the server's next round for this site
+            r = sum(e.mechanism.kind == "training" for e in ledger.entries()) + 1  # the server's next round
             metadata = Metadata(run_id=int(run_id), message_id=f"m{r}-{time.time()}", src_node_id=0,
                                 dst_node_id=1, reply_to_message_id="", group_id=str(r), created_at=time.time(),
                                 ttl=3600, message_type="train")
@@ -109,7 +109,9 @@ def test_ledger_survives_sigkill_mid_round_and_restarts_never_reset_the_budget(t
             assert server.stdout.readline().strip() == "reaped"
             text = out.read_text()
             doc = json.loads((site / "ledger.json").read_text())
-            rounds = [e["round"] for e in doc["entries"]]
+            releases = [(e["kind"], e["round"]) for e in doc["entries"]]
+            assert len(set(releases)) == len(releases), releases  # nothing recorded twice
+            rounds = [r for kind, r in releases if kind == "training"]
             assert rounds == list(range(1, len(rounds) + 1)), rounds  # nothing torn, lost, duplicated, reordered
             assert len(rounds) >= seen_rounds  # a restart never forgets what was spent
             acknowledged = [int(l.split()[1]) for l in text.splitlines() if l.startswith("done") and "trained" in l]

@@ -71,7 +71,8 @@ def test_a_client_whose_data_violates_the_schema_refuses_to_start(deployment, tm
 
 def test_a_server_that_is_down_is_one_clear_line(deployment):
     site = copy_site(deployment, "h2", "server-down")
-    code, out, err = client("start", site, "--data", deployment.data["h2"], "--server", f"127.0.0.1:{free_port()}")
+    code, out, err = client("start", site, "--data", deployment.data["h2"], "--server", f"127.0.0.1:{free_port()}",
+                            "--connect-timeout", "0")
     assert code == 1
     assert "cannot reach the Candor server" in _one_line(err)
 

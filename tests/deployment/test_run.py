@@ -26,26 +26,31 @@ def test_run_finishes_streams_progress_and_writes_the_run_directory(deployment, 
     run = json.loads((completed_run.run_dir / "run.json").read_text())
     assert run["status"] == "finished:completed"
     out = completed_run.stdout
-    for r in (1, 2):  # per round: round, sites answered, loss, accuracy, ε per site
+    for r, sites in ((1, 4), (2, 3)):  # per round: round, sites evaluated, loss, accuracy, ε per site
         line = next(l for l in out.splitlines() if l.startswith(f"round {r}/2"))
-        assert "sites 4" in line and "loss" in line and "accuracy" in line, line
+        # h4's budget admits neither round 2's training nor its private evaluation
+        assert f"sites {sites}" in line and "loss" in line and "accuracy" in line, line
         assert all(re.search(rf"{s} \d+\.\d+", line) for s in SITES), line
     assert f"Run {run['run_id']}: finished:completed" in out
     saved = torch.load(completed_run.run_dir / "model.pt", weights_only=False)
     assert saved["state_dict"] and saved["model"] == "logreg"
     metrics = json.loads((completed_run.run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-    assert all(set(r["sites"]) == {*SITES, BUDGET_SITE} for r in metrics["rounds"])  # h4 still evaluates
+    assert set(metrics["rounds"][0]["sites"]) == {*SITES, BUDGET_SITE}
+    assert set(metrics["rounds"][1]["sites"]) == set(SITES)  # h4's budget does not admit another evaluation
     print(f"\ndeployed run: 2 rounds x 4 sites in {completed_run.seconds:.1f} s (incl. submission and ServerApp start)")
 
 
 def test_every_site_ledger_holds_both_rounds_and_epsilon_matches_an_independent_accountant(
         deployment, completed_run):
-    run_id = json.loads((completed_run.run_dir / "run.json").read_text())["run_id"]
+    run_id = json.loads((completed_run.run_dir / "config.json").read_text())["run_id"]  # Candor's run id
     privacy = json.loads((completed_run.run_dir / "privacy.json").read_text())["sites"]
     for name in SITES:
         entries = _ledger(deployment.sites[name])
-        assert [(e["round"], e["run_id"]) for e in entries] == [(1, run_id), (2, run_id)]
+        # the row counts once, then each round's training and its private evaluation
+        assert [(e["kind"], e["round"], e["run_id"]) for e in entries] == [
+            ("row-count", 1, run_id), ("training", 1, run_id), ("evaluation", 1, run_id),
+            ("training", 2, run_id), ("evaluation", 2, run_id)]
         independent = pld_epsilon(entries, entries[-1]["delta"])
         assert entries[-1]["epsilon_run"] == pytest.approx(independent, rel=0.02)  # what the site was told
         assert privacy[name]["epsilon"] == pytest.approx(independent, rel=0.02)  # what the server reports
@@ -58,9 +63,10 @@ def test_every_site_ledger_holds_both_rounds_and_epsilon_matches_an_independent_
 
 def test_a_nearly_spent_budget_refuses_the_round_that_would_exceed_it(deployment, completed_run):
     entries = _ledger(deployment.sites[BUDGET_SITE])
-    assert [e["round"] for e in entries] == [1]  # round 2 was refused: nothing trained or recorded
+    training = [e for e in entries if e["kind"] == "training"]
+    assert [e["round"] for e in training] == [1]  # round 2 was refused: nothing trained or recorded
     assert pld_epsilon(entries, DELTA) <= BUDGET  # no overspend
-    assert pld_epsilon(entries + entries, DELTA) > BUDGET  # the refusal was needed
+    assert pld_epsilon(entries + [{**training[0], "round": 2}], DELTA) > BUDGET  # the refusal was needed
     metrics = json.loads((completed_run.run_dir / "metrics.json").read_text())
     refusals = metrics["rounds"][1]["refusals"]
     assert len(refusals) == 1 and f"site '{BUDGET_SITE}' refuses round 2" in refusals[0]["reason"]

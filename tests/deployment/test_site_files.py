@@ -215,7 +215,7 @@ def test_candor_client_start_with_a_truncated_ca_file_prints_one_line(tmp_path):
     partition(breast_cancer_frame(), num_sites=2, label="diagnosis", seed=3)[0].to_csv(data, index=False)
     ca = site / "federation" / "ca.crt"
     code, out, err = client("start", site, "--invite", fed / "invites" / "h1.toml", "--data", data,
-                            "--server", f"127.0.0.1:{free_port()}")
+                            "--server", f"127.0.0.1:{free_port()}", "--connect-timeout", "0")
     assert code == 1 and "cannot reach the Candor server" in _one_line(err)  # a good CA: only the server is down
     ca.write_text("".join(ca.read_text().splitlines(keepends=True)[:-2]))  # the END line and one more gone
     code, out, err = client("start", site, "--data", data, "--server", f"127.0.0.1:{free_port()}")

@@ -21,6 +21,7 @@ from candor.common.config import RunConfig
 from candor.common.encoding import Encoder
 from candor.common.explain import Explanation, clip_rows, release_importance, release_mechanism
 from candor.common.models import build_model
+from candor.client.outbox import Outbox
 from candor.common.privacy import MechanismRecord, epsilon
 
 from clinic_data import SCHEMA, records
@@ -135,21 +136,24 @@ def test_a_private_release_is_ledgered_before_it_is_sent(tmp_path, schema):
     metrics = reply.content.metric_records["metrics"]
     ident = reply.content.config_records["candor"]
     assert set(metrics) == {"num-examples", "age", "chol", "cp", "smoker"}
-    assert metrics["num-examples"] == 40  # 20 % of 200 rows held out
+    # divided by the site's DP count of its 40 held-out rows (20 % of 200), never the exact count
+    assert metrics["num-examples"] == Outbox(ledger).kept("77", "row-count").metrics["test"]
     assert ident["site"] == "h1" and ident["release"] == "dp"
     entries = json.loads(ledger.read_text())["entries"]
-    assert len(entries) == 1
-    e = entries[0]
+    assert [e["kind"] for e in entries] == ["row-count", "explanation"]
+    e = entries[1]
     assert (e["round"], e["sample_rate"], e["steps"], e["noise_multiplier"], e["run_id"]) == (3, 1.0, 1, 2.0, "77")
     assert json.loads(ident["mechanism"])["noise_multiplier"] == 2.0
-    assert ident["epsilon"] == pytest.approx(epsilon([MechanismRecord.from_dict(e)], delta=ident["delta"]))
+    assert ident["epsilon"] == pytest.approx(epsilon([MechanismRecord.from_dict(x) for x in entries],
+                                                     delta=ident["delta"]))
 
 
 def test_a_release_past_the_lifetime_budget_is_refused_and_not_recorded(tmp_path, schema):
     ledger = _site(tmp_path, schema, budget_epsilon=1.0)  # one σ = 2 Gaussian alone costs ε ≈ 2
     reply = _ask(tmp_path, schema)
     assert reply.has_error() and "lifetime ε would reach" in reply.error.reason
-    assert not ledger.exists()
+    # only the row counts (ε ≈ 0.17, within the budget) are charged; the release is not
+    assert [e["kind"] for e in json.loads(ledger.read_text())["entries"]] == ["row-count"]
 
 
 def test_an_opted_out_site_sends_no_statistic_and_spends_nothing(tmp_path, schema):
@@ -172,7 +176,7 @@ def test_a_non_private_run_sends_exact_statistics_unledgered(tmp_path, schema):
 def test_training_reserves_the_release_so_the_run_meets_its_target(tmp_path, schema):
     """With target-epsilon set, client/app.py calibrates training with the release as a
     prior: one training round, then the release, stay within the target together."""
-    ledger = _site(tmp_path, schema)
+    ledger = _site(tmp_path, schema, evaluation="local")  # no evaluation release: the run is train + explain
     run = dict(num_server_rounds=1, target_epsilon=3.0, accountant="rdp", batch_size=40, local_epochs=1.0,
                explain_noise_multiplier=4.0)
     trained = _ask(tmp_path, schema, message_type="train", server_round=1, **run)
@@ -180,7 +184,9 @@ def test_training_reserves_the_release_so_the_run_meets_its_target(tmp_path, sch
     explained = _ask(tmp_path, schema, server_round=2, **run)
     assert not explained.has_error(), explained.error.reason if explained.has_error() else ""
     history = [MechanismRecord.from_dict(e) for e in json.loads(ledger.read_text())["entries"]]
-    assert [(h.round, h.sample_rate) for h in history] == [(1, 40 / 160), (2, 1.0)]
+    rows = Outbox(ledger).kept("77", "row-count").metrics["train"]  # the DP count of the 160 training rows
+    assert [(h.kind, h.round, h.sample_rate) for h in history] == [
+        ("row-count", 1, 1.0), ("training", 1, min(1.0, 40 / rows)), ("explanation", 2, 1.0)]
     delta = explained.content.config_records["candor"]["delta"]
     assert 2.9 < epsilon(history, delta=delta, accountant="rdp") <= 3.0
 
@@ -212,8 +218,10 @@ def test_the_recorder_adds_the_release_to_the_site_privacy_history(tmp_path, sch
     p = recorder.privacy_doc()["sites"]["h1"]
     assert [h["round"] for h in p["history"]] == [1, 2, 3]
     assert p["epsilon"] == total == pytest.approx(epsilon(training + [mech], delta=1e-5))
-    assert p["epsilon_training"] == pytest.approx(epsilon(training, delta=1e-5))
-    assert p["releases"] == [{"what": "explanation", "round": 3, "noise_multiplier": 3.0}]
+    assert p["epsilon_before_explanation"] == pytest.approx(epsilon(training, delta=1e-5))
+    assert [(r["kind"], r["releases"], r["noise_multiplier"]) for r in p["releases"]] == [
+        ("training", 2, [2.4]), ("explanation", 1, [3.0])]
+    assert p["unprotected"] == [] and p["adjacency"] == "add/remove one row of the site's table"
     doc = {"method": "IG", "statistic": "mean", "release": {"kind": "dp", "clip": 0.5, "noise_multiplier": 3.0},
            "sites": {"h1": {"release": "dp", "num_examples": 29, "epsilon_explanation": 1.28},
                      "h2": {"release": "opted-out"}},

@@ -367,17 +367,6 @@ def snapshot_code(dest: Path) -> Path:
     return dest
 
 
-def pld_epsilon(mechanisms: list[dict], delta: float) -> float:
-    """ε of (σ, q, steps) mechanisms composed, by dp-accounting's PLD accountant (not our
-    code); as tests/deployment/deploy_helpers.py computes it."""
-    import dp_accounting
-
-    events = [dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
-        m["sample_rate"], dp_accounting.GaussianDpEvent(m["noise_multiplier"])), m["steps"]) for m in mechanisms]
-    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
-    return accountant.compose(dp_accounting.ComposedDpEvent(events)).get_epsilon(delta)
-
-
 def cli(module: str, *args: object) -> tuple[int, str, str]:
     """An offline ``candor-server``/``candor-client`` command (``module`` = "server" or
     "client") in this process; (exit code, stdout, stderr). Only for commands that touch

@@ -22,7 +22,8 @@ import time
 import pytest
 
 import netns
-from netns import S2_SKEW, SITES, SPARE, pld_epsilon
+from independent_accounting import pld_epsilon
+from netns import S2_SKEW, SITES, SPARE
 
 from candor.common.processes import wait_until
 

@@ -17,9 +17,10 @@ import threading
 import time
 from pathlib import Path
 
-import dp_accounting
 import pytest
 import torch
+
+from independent_accounting import pld_epsilon
 
 from candor.common.processes import descendants, pid_alive, start_time
 from candor.server.audit import verify_run
@@ -44,14 +45,6 @@ def ledger_entries(run_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
-def pld_epsilon(entries: list[dict], delta: float) -> float:
-    """ε of the ledger's mechanisms composed, by dp-accounting's PLD accountant (not our code)."""
-    events = [dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
-        e["sample_rate"], dp_accounting.GaussianDpEvent(e["noise_multiplier"])), e["steps"]) for e in entries]
-    return dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3).compose(
-        dp_accounting.ComposedDpEvent(events)).get_epsilon(delta)
-
-
 @pytest.fixture
 def short_tmp():
     tmp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))  # short: Ray's socket paths must stay under 107 bytes
@@ -73,7 +66,7 @@ def _kill_mid_round(proc: subprocess.Popen, run_dir: Path, kill_round: int) -> t
             ledgers = ledger_entries(run_dir)
         except (OSError, ValueError):  # a ledger being replaced at this instant
             continue
-        if any(e["round"] == kill_round for entries in ledgers.values() for e in entries):
+        if any(e["round"] == kill_round and e["kind"] == "training" for entries in ledgers.values() for e in entries):
             break
         time.sleep(0.02)  # polling a file: there is no event to wait on
     for pid, started in [(proc.pid, start_time(proc.pid)), *seen.items()]:
@@ -98,7 +91,8 @@ def test_a_run_killed_mid_round_resumes_charges_every_round_once_and_ends_as_if_
         time.sleep(0.1)
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["round"] == kill_round - 1, "killed after the round completed: the test proves less"
-    charged_at_kill = {s for s, entries in at_kill.items() if any(e["round"] == kill_round for e in entries)}
+    charged_at_kill = {s for s, entries in at_kill.items()
+                       if any(e["round"] == kill_round and e["kind"] == "training" for e in entries)}
 
     resumed = sim("--resume", str(run_dir), tmp=short_tmp)
     out, _ = resumed.communicate(timeout=600)
@@ -108,19 +102,22 @@ def test_a_run_killed_mid_round_resumes_charges_every_round_once_and_ends_as_if_
     # every site paid for every round once, with the mechanisms of the uninterrupted run
     ledgers, reference = ledger_entries(run_dir), ledger_entries(straight)
     assert set(ledgers) == set(reference) == {"hospital-1", "hospital-2", "hospital-3"}
-    mechanism = lambda e: (e["round"], e["noise_multiplier"], e["sample_rate"], e["steps"])  # noqa: E731
+    mechanism = lambda e: (e["kind"], e["round"], e["noise_multiplier"], e["sample_rate"], e["steps"])  # noqa: E731
     privacy = json.loads((run_dir / "privacy.json").read_text())["sites"]
     for site, entries in ledgers.items():
         assert len({e["run_id"] for e in entries}) == 1, "the resumed run is one run at the site"
-        assert [e["round"] for e in entries] == [1, 2, 3, ROUNDS + 1]  # 3 rounds and the explanation, once each
+        releases = [(e["kind"], e["round"]) for e in entries]  # the counts, 3 rounds, 3 evaluations, the explanation
+        assert sorted(releases) == sorted([("row-count", 1), *[(k, r) for r in (1, 2, 3) for k in ("training", "evaluation")],
+                                           ("explanation", ROUNDS + 1)]), releases
         assert [mechanism(e) for e in entries] == [mechanism(e) for e in reference[site]]
         independent = pld_epsilon(entries, delta=entries[0]["delta"])
         assert privacy[site]["epsilon"] == pytest.approx(independent, rel=0.02)
-        assert [h["round"] for h in privacy[site]["history"]] == [e["round"] for e in entries]
+        assert sorted((h["kind"], h["round"]) for h in privacy[site]["history"]) == sorted(releases)
     # the sites that had charged the killed round sent the update they had kept, not a new one
     receipts = {s: [json.loads(line) for line in (run_dir / "ledgers" / f"{s}.receipts.jsonl").read_text().splitlines()]
                 for s in ledgers}
-    resent = {s for s, rs in receipts.items() if any(r.get("resent") and r["round"] == kill_round for r in rs)}
+    resent = {s for s, rs in receipts.items()
+              if any(r.get("resent") and r["round"] == kill_round and r["kind"] == "train" for r in rs)}
     assert resent == charged_at_kill and charged_at_kill
     # the same model as the run that was never interrupted
     final, expected = (torch.load(d / "model.pt", weights_only=True)["state_dict"] for d in (run_dir, straight))

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import dp_accounting
+from independent_accounting import pld_epsilon
 import pytest
 import torch
 
@@ -21,13 +21,6 @@ from candor.common.demo import DEMO_SCHEMA_PATH, breast_cancer_frame
 
 CANDOR_SIM = str(Path(sys.executable).parent / "candor-sim")
 TARGET = 3.0  # the default 'target-epsilon'
-
-
-def pld_epsilon(history: list[dict], delta: float) -> float:
-    events = [dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
-        h["sample_rate"], dp_accounting.GaussianDpEvent(h["noise_multiplier"])), h["steps"]) for h in history]
-    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
-    return acc.compose(dp_accounting.ComposedDpEvent(events)).get_epsilon(delta)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,8 @@ def test_run_completes_and_writes_every_output(run):
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     for r in metrics["rounds"]:
         assert set(r["sites"]) == {"hospital-1", "hospital-2", "hospital-3"}
-        assert {"loss", "accuracy", "auroc"} <= set(r["aggregate"])
+        assert {"loss", "accuracy"} <= set(r["aggregate"])  # a private evaluation releases no AUROC
+        assert all(m["release"] == "dp" for m in r["sites"].values())
 
 
 def test_epsilon_is_cumulative_within_target_and_recomputable(run):
@@ -54,18 +48,20 @@ def test_epsilon_is_cumulative_within_target_and_recomputable(run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(privacy["sites"]) == {"hospital-1", "hospital-2", "hospital-3"}
     for site, p in privacy["sites"].items():
-        releases = {r["round"] for r in p.get("releases", [])}  # e.g. the explanation release
-        assert [h["round"] for h in p["history"] if h["round"] not in releases] == [1, 2]
+        assert [h["round"] for h in p["history"] if h["kind"] == "training"] == [1, 2]
+        assert [h["kind"] for h in p["history"]] == ["row-count", "training", "evaluation", "training",
+                                                     "evaluation", "explanation"]
+        assert p["unprotected"] == [] and p["adjacency"] == "add/remove one row of the site's table"
         assert p["privacy_unit"] == "one record" and p["accountant"] == "prv"
         assert p["noise_seed"] == "public-seed (simulation only)"  # candor-sim's reproducible runs, stated
         assert p["delta"] < 1 / p["num_examples"]
         independent = pld_epsilon(p["history"], p["delta"])
-        assert p["epsilon"] == pytest.approx(independent, rel=0.02)
+        assert 1.0 <= p["epsilon"] / independent <= 1.05  # PRV is an upper bound; PLD agrees within 5%
         assert p["epsilon"] <= TARGET + 1e-6
         eps_round1 = metrics["rounds"][0]["train"][site]["epsilon"]
         assert eps_round1 < p["epsilon"]  # round 2 reports rounds 1..2 together, not round 2 alone
         ledger = json.loads((out / "ledgers" / f"{site}.json").read_text())
-        assert [e["round"] for e in ledger["entries"]] == [h["round"] for h in p["history"]]
+        assert [(e["kind"], e["round"]) for e in ledger["entries"]] == [(h["kind"], h["round"]) for h in p["history"]]
 
 
 def test_model_beats_its_initialization(run):
@@ -87,7 +83,7 @@ def test_model_beats_its_initialization(run):
                           hidden=tuple(saved["hidden"]))
     final, start = evaluate(trained, data, num_outputs=1), evaluate(initial, data, num_outputs=1)
     assert final["loss"] < start["loss"]
-    assert final["accuracy"] > max(start["accuracy"], 0.8)
+    assert final["accuracy"] > max(start["accuracy"], 0.7)  # 2 rounds of DP training at ε = 3
 
 
 def test_bad_site_data_is_refused_before_anything_starts(tmp_path):
@@ -128,7 +124,7 @@ def test_a_run_in_which_every_site_refuses_ends_non_zero_with_the_reasons(tmp_pa
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, text[-3000:]
-    assert "the run stopped: round 1: no site trained" in text and "is unreachable" in text
+    assert "the run stopped: round 1: no site trained" in text and "more than the run's target 0.001" in text
     assert "Traceback" not in proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert [len(r["refusals"]) for r in metrics["rounds"]] == [2]  # round 1 only: it did not go on

@@ -27,12 +27,16 @@ def test_card_reports_each_sites_epsilon_as_privacy_json_and_the_release(sim_run
     for site, p in privacy["sites"].items():
         c = card["privacy"]["sites"][site]
         assert c["epsilon"] == p["epsilon"] and c["delta"] == p["delta"] and c["accountant"] == p["accountant"]
-        assert c["rounds"] == 2 and c["steps"] == sum(h["steps"] for h in p["history"][:2])
-        assert c["releases"] == p["releases"] and c["releases"][0]["what"] == "explanation"
+        training = [h for h in p["history"] if h["kind"] == "training"]
+        assert c["rounds"] == 2 and c["steps"] == sum(h["steps"] for h in training)
+        assert c["releases"] == p["releases"]
+        assert [r["kind"] for r in c["releases"]] == ["training", "evaluation", "explanation", "row-count"]
+        assert c["unprotected"] == [] and c["adjacency"] == p["adjacency"]
     md = (sim_run / "MODEL_CARD.md").read_text()
     for site, p in privacy["sites"].items():
         assert f"| {site} | {p['epsilon']:.4g} |" in md
-    assert "explanation (σ = 3)" in md
+    assert "explanation (1 x σ = 3)" in md and "evaluation (2 x σ = " in md and "row-count (1 x σ = 20)" in md
+    assert "Nothing left any site in the clear." in md
 
 
 def test_card_hashes_tie_it_to_the_model_files_and_the_audit_log(sim_run):
@@ -78,7 +82,7 @@ def test_a_deployment_card_publishes_no_row_counts(tmp_path):
     card = card_doc(recorder, log)
     assert card["row_counts_published"] is False
     assert card["sites"] == [{"name": "clinic-a", "rounds_trained": 1}]
-    assert card["evaluation"]["sites"] == {"clinic-a": {"accuracy": 0.8}}
+    assert card["evaluation"]["sites"] == {"clinic-a": {"accuracy": 0.8, "release": "clear"}}
     text = json.dumps(card) + render_markdown(card)
     assert "1234" not in text and "321" not in text
     assert "WITHOUT differential privacy" in text

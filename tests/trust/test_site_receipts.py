@@ -79,7 +79,8 @@ def test_client_audit_catches_a_ledger_that_disagrees_with_the_log(copy, capsys)
     doc["entries"][0]["noise_multiplier"] *= 2
     ledger.write_text(json.dumps(doc))
     assert client_main(["audit", str(copy / "ledgers" / "hospital-3.receipts.jsonl"), str(copy)]) == 1
-    assert "privacy: your ledger has 3 release(s) for this run" in capsys.readouterr().out
+    # the counts, 2 rounds of training and of evaluation, the explanation: one of them changed
+    assert "privacy: your ledger has 6 release(s) for this run" in capsys.readouterr().out
 
 
 def test_client_audit_refuses_a_tampered_log_with_one_message(copy, capsys):
