@@ -40,7 +40,7 @@ from candor.common.errors import ConfigError
 
 from .wrapper import layers
 
-__all__ = ["CHECKPOINT", "Checkpoint", "remove", "restore_strategy_state", "strategy_state"]
+__all__ = ["CHECKPOINT", "Checkpoint", "remove", "resume_log", "restore_strategy_state", "strategy_state"]
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -98,6 +98,15 @@ class Checkpoint:
 
     def array_record(self) -> ArrayRecord:
         return ArrayRecord(self.arrays)
+
+
+def resume_log(run_dir: str | Path) -> Path:
+    """Where a resumed attempt's Flower log goes: ``flower.resume-N.log`` (the first free N),
+    so that the interrupted attempt's ``flower.log`` is kept."""
+    n = 1
+    while (path := Path(run_dir) / f"flower.resume-{n}.log").exists():
+        n += 1
+    return path
 
 
 def remove(run_dir: str | Path) -> None:

@@ -29,7 +29,7 @@ from candor.common.processes import APP_DIR, ProcessTimeout, RunStalled, flower_
 from candor.common.progress import ProgressPrinter, site_privacy_line
 
 from . import superlink
-from .checkpoint import CHECKPOINT
+from .checkpoint import CHECKPOINT, resume_log
 from .federation import CONNECTION, Federation
 
 __all__ = ["register"]
@@ -120,10 +120,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"Submitting a run of {cfg.num_server_rounds} rounds to {len(fed.sites)} registered sites "
               f"(at least {cfg.min_sites} per round); outputs in {out}", flush=True)
     started = time.time()
-    run_id = _submit_and_stream(fed, config_file, out / "flower.log", verbose=args.verbose,
+    log = resume_log(out) if cfg.resume else out / "flower.log"
+    run_id = _submit_and_stream(fed, config_file, log, verbose=args.verbose,
                                 stall_timeout=stall_limit(cfg))
     if run_id is None:
-        raise FederationError(f"the run was not submitted; see {out / 'flower.log'}")
+        raise FederationError(f"the run was not submitted; see {log}")
     status = _final_status(fed, run_id)
     seconds = time.time() - started
     earlier = json.loads((out / "run.json").read_text()).get("flower_run_ids", []) if (out / "run.json").is_file() else []
@@ -134,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if status != "finished:completed":
         resume = (f"; once the cause is fixed, continue it with `candor-server run {fed.dir} --resume {out}`"
                   if (out / CHECKPOINT).is_file() else "")
-        raise FederationError(f"run {run_id} ended as '{status}'; the server's log is in {out / 'flower.log'} "
+        raise FederationError(f"run {run_id} ended as '{status}'; the server's log is in {log} "
                               f"(also: FLWR_HOME={fed.flwr_home} flwr log {run_id} {CONNECTION}){resume}")
     return 0
 

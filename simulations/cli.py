@@ -85,7 +85,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--app-dir {app_dir}: not a Flower App directory (no pyproject.toml); give a directory "
                           "whose pyproject.toml has [tool.flwr.app], or leave --app-dir out for Candor's own app")
     try:
-        result = engine.run(overrides, num_sites=num_sites, log_path=out / "flower.log", app_dir=app_dir,
+        from candor.server.checkpoint import resume_log
+
+        log = resume_log(out) if args.resume else out / "flower.log"  # the interrupted attempt's log is kept
+        result = engine.run(overrides, num_sites=num_sites, log_path=log, app_dir=app_dir,
                             on_line=ProgressPrinter(verbose=args.verbose),
                             stall_timeout=stall_limit(RunConfig.from_run_config(overrides)))
     except CandorError:

@@ -129,6 +129,7 @@ def test_a_run_killed_mid_round_resumes_charges_every_round_once_and_ends_as_if_
     summary = verify_run(run_dir)
     assert (summary["rounds"], summary["resumes"]) == (ROUNDS, 1)
     assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "audit_key.resume.pem").exists()
+    assert (run_dir / "flower.log").stat().st_size and (run_dir / "flower.resume-1.log").stat().st_size  # both kept
 
 
 def test_resume_refuses_a_run_without_checkpoint_and_changed_options_in_one_line(tmp_path, capsys):
