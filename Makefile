@@ -4,13 +4,22 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: simulate test setup clean
+.PHONY: simulate test setup test-tools clean
 
 simulate: $(STAMP)
 	$(BIN)/candor-sim
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q
+
+# Optional: libfaketime, for the multi-host tests of a skewed site clock (they skip, with
+# the reason, without it). Installed from Debian's packages only where that is possible
+# (root, apt-get); anything else, or a failure, leaves the machine as it was.
+FAKETIME_LIB := /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1
+test-tools:
+	@if [ ! -e $(FAKETIME_LIB) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq faketime) >/dev/null 2>&1 || \
+		echo "libfaketime not installed: the clock-skew tests will skip"; fi
 
 setup: $(STAMP)
 
