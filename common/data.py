@@ -70,16 +70,6 @@ def stable_seed(*parts: object) -> int:
     return zlib.crc32(":".join(str(p) for p in parts).encode()) & 0x7FFFFFFF
 
 
-def split_frame(df: pd.DataFrame, *, label: str, test_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Shuffle and split; stratified on ``label`` when every class has >= 2 rows."""
-    from sklearn.model_selection import train_test_split
-
-    counts = df[label].value_counts()
-    stratify = df[label] if len(counts) > 1 and counts.min() >= 2 else None
-    train, test = train_test_split(df, test_size=test_fraction, random_state=seed % (2**32), shuffle=True, stratify=stratify)
-    return train, test
-
-
 def record_split(df: pd.DataFrame, *, test_fraction: float, key: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Held-out rows chosen record by record: a row is held out when the SHA-256 of
     ``key`` and its own values, read as a number in [0, 1), is below ``test_fraction``.
