@@ -499,3 +499,16 @@ class Harness:
                     stop_superlink_pid(self.fed / "superlink.pid")
         finally:
             self.net.destroy()
+
+
+def assert_all_removed(h: "Harness") -> None:
+    """Close ``h`` and check that nothing it started is left: no namespace of its tag, no
+    process, no SuperLink."""
+    import json
+
+    tag = h.net.tag
+    h.close()
+    assert not [ns for ns in namespaces() if ns.startswith(tag)]
+    assert all(proc.poll() is not None for proc, _ in h.net.procs)
+    superlink = json.loads((h.fed / "superlink.pid").read_text())["pid"] if (h.fed / "superlink.pid").exists() else None
+    assert superlink is None or not pid_alive(superlink)

@@ -199,10 +199,4 @@ def test_the_audit_log_verifies_with_one_resume_and_nothing_to_resume_is_left(re
 
 
 def test_everything_is_removed_at_the_end(harness, restart):
-    h = harness
-    tag = h.net.tag
-    h.close()
-    assert not [ns for ns in netns.namespaces() if ns.startswith(tag)]
-    assert all(proc.poll() is not None for proc, _ in h.net.procs)
-    superlink = json.loads((h.fed / "superlink.pid").read_text())["pid"] if (h.fed / "superlink.pid").exists() else None
-    assert superlink is None or not pid_alive(superlink)
+    netns.assert_all_removed(harness)

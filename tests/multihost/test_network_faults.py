@@ -246,13 +246,7 @@ def test_a_skewed_clock_is_one_clear_line_at_start(fault_run, offset, expected):
 # --- the end: nothing left ------------------------------------------------------------------
 
 def test_everything_is_removed_at_the_end(harness, fault_run):
-    h = harness
-    tag = h.net.tag
-    h.close()
-    assert not [ns for ns in netns.namespaces() if ns.startswith(tag)]
-    assert all(proc.poll() is not None for proc, _ in h.net.procs)
-    superlink = json.loads((h.fed / "superlink.pid").read_text())["pid"] if (h.fed / "superlink.pid").exists() else None
-    assert superlink is None or not netns.pid_alive(superlink)
+    netns.assert_all_removed(harness)
 
 
 def test_the_clock_limits_start_checks_are_flowers():
