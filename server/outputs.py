@@ -158,7 +158,9 @@ class RunRecorder:
         sums = evaluation_sums(m)
         if sums is not None:  # a DP release: the site's noisy sums, recorded with its mechanism
             m = {**sums.metrics(), "num_examples": sums.count, "release": "dp"}
-            if "mechanism" in ident and site in self.privacy:
+            if "mechanism" in ident:  # recorded even for a site that has not trained (yet)
+                self.privacy.setdefault(site, {"delta": float(ident["delta"]), "accountant": str(ident["accountant"]),
+                                               "privacy_unit": PRIVACY_UNIT, "history": []})
                 self._merge(site, [MechanismRecord.from_dict(json.loads(str(ident["mechanism"])))])
                 if "epsilon" in ident:
                     self.privacy[site]["epsilon_reported"] = float(ident["epsilon"])

@@ -84,3 +84,18 @@ def test_a_refusal_or_a_later_reply_that_covers_the_round_is_not_unconfirmed(rec
     recorder.train_reply(3, failed(1, REFUSAL_CODE, "site 'h1' refuses round 3: its lifetime ε would reach"))
     sites = recorder.privacy_doc()["sites"]
     assert "unconfirmed_rounds" not in sites["h1"] and "unconfirmed_rounds" not in sites["h2"]
+
+
+def test_a_private_evaluation_is_recorded_even_from_a_site_that_never_trained(recorder):
+    from candor.common.releases import evaluation_mechanism
+
+    mech = evaluation_mechanism(round=1, noise_multiplier=3.0, run_id="7")
+    msg = Message(content=RecordDict({
+        "metrics": MetricRecord({"num-examples": 30, "dp-loss-sum": 4.0, "dp-correct-sum": 25.0, "dp-loss-clip": 4.0}),
+        "candor": ConfigRecord({"site": "h9", "evaluation": "dp", "mechanism": json.dumps(mech.to_dict()),
+                                "accountant": "prv", "delta": 1e-5, "epsilon": epsilon([mech], delta=1e-5)}),
+    }), metadata=_meta(9))
+    recorder.evaluate_reply(1, msg)
+    p = recorder.privacy_doc()["sites"]["h9"]
+    assert [h["kind"] for h in p["history"]] == ["evaluation"]
+    assert p["epsilon"] == pytest.approx(epsilon([mech], delta=1e-5)) == p["epsilon_reported"]
